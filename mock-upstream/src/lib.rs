@@ -1,0 +1,204 @@
+//! A fake LLM provider for tests and benchmarks.
+//!
+//! It speaks the provider wire formats exactly (OpenAI chat completions today; Anthropic and
+//! Gemini can be added as sibling modules with their own routes), answers with deterministic
+//! text (`"tok0 tok1 ..."`) so tests can predict every byte, and misbehaves on demand through
+//! [`MockConfig`] knobs, server-wide or per request (`"mock": {...}` in the body).
+//!
+//! It is also the baseline of the benchmarks (gateway overhead = gateway minus calling the mock
+//! directly), so the hot path avoids logging, locks held across awaits and needless allocation.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub mod knobs;
+pub mod openai;
+pub mod stats;
+
+pub use knobs::{MockConfig, MockOverrides};
+pub use stats::Stats;
+
+use stats::Counters;
+
+/// State shared by all handlers of one server.
+pub(crate) struct Shared {
+    /// Swapped whole by `set_config`; readers clone the `Arc` and drop the lock at once.
+    config: RwLock<Arc<MockConfig>>,
+    pub(crate) counters: Arc<Counters>,
+    /// Cancelled on shutdown so hanging requests and slow streams end instead of blocking the
+    /// graceful shutdown forever.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn new(config: MockConfig, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            config: RwLock::new(Arc::new(config)),
+            counters: Arc::new(Counters::default()),
+            shutdown,
+        })
+    }
+
+    pub(crate) fn config(&self) -> Arc<MockConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_config(&self, config: MockConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+}
+
+/// A running mock server. Dropping the handle stops the server (like [`MockUpstream::shutdown`]
+/// without waiting), so a test cannot leak it by accident.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl MockUpstream {
+    /// Binds `addr` (use `127.0.0.1:0` for a free port), spawns the server on the current tokio
+    /// runtime and returns at once; the socket is already listening.
+    pub async fn start(addr: SocketAddr, config: MockConfig) -> io::Result<MockUpstream> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::new(config, CancellationToken::new());
+        let task = tokio::spawn(run(listener, shared.clone(), false));
+        Ok(MockUpstream {
+            addr,
+            shared,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// OpenAI-style base URL, including `/v1`: what a channel's `base_url` takes.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_stats(&self) {
+        self.shared.counters.reset();
+    }
+
+    /// Replaces the server-wide knobs; requests already running keep the old ones.
+    pub fn set_config(&self, config: MockConfig) {
+        self.shared.set_config(config);
+    }
+
+    /// Stops accepting, ends hanging requests and slow streams, and waits for the server task.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// Runs the mock on `listener` until ctrl-c or until `shutdown` is cancelled; used by
+/// `sluice mock-upstream --listen ADDR [flags]`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: MockConfig,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    run(listener, Shared::new(config, shutdown.child_token()), true).await
+}
+
+async fn run(listener: tokio::net::TcpListener, shared: Arc<Shared>, ctrl_c: bool) -> io::Result<()> {
+    let token = shared.shutdown.clone();
+    // Nagle plus delayed ACK costs ~40 ms per keep-alive request; a benchmark baseline cannot
+    // afford that.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let signal = async move {
+        if ctrl_c {
+            tokio::select! {
+                () = token.cancelled() => {}
+                r = tokio::signal::ctrl_c() => match r {
+                    Ok(()) => token.cancel(),
+                    // No signal support: only the token can stop us.
+                    Err(_) => token.cancelled().await,
+                },
+            }
+        } else {
+            token.cancelled().await;
+        }
+    };
+    axum::serve(listener, router(shared))
+        .with_graceful_shutdown(signal)
+        .await
+}
+
+/// All routes: the provider surfaces plus the `/_mock/*` control routes.
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .merge(openai::routes())
+        .route("/_mock/stats", get(get_stats))
+        .route("/_mock/config", get(get_config).post(post_config))
+        .route("/_mock/reset", post(post_reset))
+        .fallback(openai::not_found)
+        .layer(axum::middleware::map_request_with_state(
+            shared.clone(),
+            count_request,
+        ))
+        .with_state(shared)
+}
+
+/// Counts every provider request; control routes are left out so reading stats is neutral.
+async fn count_request(State(shared): State<Arc<Shared>>, req: Request) -> Request {
+    let path = req.uri().path();
+    if !path.starts_with("/_mock/") {
+        shared.counters.record_request(path);
+    }
+    req
+}
+
+async fn get_stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
+    Json(shared.counters.snapshot())
+}
+
+async fn get_config(State(shared): State<Arc<Shared>>) -> Json<MockConfig> {
+    Json((*shared.config()).clone())
+}
+
+async fn post_config(
+    State(shared): State<Arc<Shared>>,
+    Json(config): Json<MockConfig>,
+) -> Json<MockConfig> {
+    shared.set_config(config.clone());
+    Json(config)
+}
+
+async fn post_reset(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.counters.reset();
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,334 @@
+//! The event envelope and the domain events. Events are facts in the past tense; a
+//! stored event must deserialize forever, so each type is explicitly named and a new
+//! shape is a new `schema_version` with an upcaster in [`upcast`].
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::money::{Nanos, Price};
+use crate::usage::{Usage, UsageSource};
+use crate::work::ErrorKind;
+
+/// The envelope every event travels in, on JetStream and in `event_log`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub event_id: Uuid,
+    /// `request-<id>`, `session-<id>`, `account-<id>`, `price-<model>`, `config-<kind>`.
+    pub stream: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub schema_version: u16,
+    pub occurred_at: DateTime<Utc>,
+    pub data: serde_json::Value,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+/// Who and what caused an event; carried for tracing and scoping, never for money.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event type `{0}` is unknown")]
+    UnknownType(String),
+    #[error("event `{event_type}` v{version} is newer than this build understands")]
+    FutureVersion { event_type: String, version: u16 },
+    #[error("event `{event_type}` has malformed data: {source}")]
+    Malformed {
+        event_type: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Every domain event. The serde tag is the stored `type`; never rename a variant's tag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    RequestAccepted(RequestAccepted),
+    AttemptStarted(AttemptStarted),
+    AttemptFailed(AttemptFailed),
+    CompletionFinished(CompletionFinished),
+    RequestFailed(RequestFailed),
+    RequestCancelled(RequestCancelled),
+    PriceSet(PriceSet),
+    CreditGranted(CreditGranted),
+    KeyCreated(KeyCreated),
+    ChannelConfigured(ChannelConfigured),
+}
+
+/// The current schema version of each event type. Bump it together with an upcaster.
+pub fn current_version(event_type: &str) -> Option<u16> {
+    match event_type {
+        "RequestAccepted" | "AttemptStarted" | "AttemptFailed" | "RequestFailed"
+        | "RequestCancelled" | "PriceSet" | "CreditGranted" | "KeyCreated"
+        | "ChannelConfigured" => Some(1),
+        "CompletionFinished" => Some(1),
+        _ => None,
+    }
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::RequestAccepted(_) => "RequestAccepted",
+            Event::AttemptStarted(_) => "AttemptStarted",
+            Event::AttemptFailed(_) => "AttemptFailed",
+            Event::CompletionFinished(_) => "CompletionFinished",
+            Event::RequestFailed(_) => "RequestFailed",
+            Event::RequestCancelled(_) => "RequestCancelled",
+            Event::PriceSet(_) => "PriceSet",
+            Event::CreditGranted(_) => "CreditGranted",
+            Event::KeyCreated(_) => "KeyCreated",
+            Event::ChannelConfigured(_) => "ChannelConfigured",
+        }
+    }
+
+    /// The stream this event belongs to.
+    pub fn stream(&self) -> String {
+        match self {
+            Event::RequestAccepted(e) => request_stream(&e.request_id),
+            Event::AttemptStarted(e) => request_stream(&e.request_id),
+            Event::AttemptFailed(e) => request_stream(&e.request_id),
+            Event::CompletionFinished(e) => request_stream(&e.request_id),
+            Event::RequestFailed(e) => request_stream(&e.request_id),
+            Event::RequestCancelled(e) => request_stream(&e.request_id),
+            Event::PriceSet(e) => format!("price-{}", e.model),
+            Event::CreditGranted(e) => format!("account-{}", e.key_id.simple()),
+            Event::KeyCreated(e) => format!("account-{}", e.key_id.simple()),
+            Event::ChannelConfigured(e) => format!("config-{}", e.channel_id.simple()),
+        }
+    }
+
+    /// Wraps the event in a new envelope with a fresh UUID v7 id.
+    pub fn into_envelope(self, occurred_at: DateTime<Utc>, metadata: Metadata) -> Envelope {
+        let stream = self.stream();
+        let event_type = self.type_name().to_owned();
+        let schema_version = current_version(&event_type).unwrap_or(1);
+        // Serializing a derived, string-keyed enum into a Value cannot fail.
+        let mut tagged = serde_json::to_value(&self).unwrap_or(serde_json::Value::Null);
+        let data = tagged
+            .get_mut("data")
+            .map(serde_json::Value::take)
+            .unwrap_or(serde_json::Value::Null);
+        Envelope {
+            event_id: crate::new_id(),
+            stream,
+            event_type,
+            schema_version,
+            occurred_at,
+            data,
+            metadata,
+        }
+    }
+}
+
+impl Envelope {
+    /// Decodes the typed event, upgrading older schema versions first.
+    pub fn decode(&self) -> Result<Event, EventError> {
+        let current = current_version(&self.event_type)
+            .ok_or_else(|| EventError::UnknownType(self.event_type.clone()))?;
+        if self.schema_version > current {
+            return Err(EventError::FutureVersion {
+                event_type: self.event_type.clone(),
+                version: self.schema_version,
+            });
+        }
+        let data = upcast(&self.event_type, self.schema_version, self.data.clone());
+        let tagged = serde_json::json!({ "type": self.event_type, "data": data });
+        serde_json::from_value(tagged).map_err(|source| EventError::Malformed {
+            event_type: self.event_type.clone(),
+            source,
+        })
+    }
+
+    /// The request id of a `request-<id>` stream.
+    pub fn request_id(&self) -> Option<Uuid> {
+        self.stream
+            .strip_prefix("request-")
+            .and_then(|id| Uuid::parse_str(id).ok())
+    }
+}
+
+/// Upgrades stored data of an older `schema_version` to the current shape, one step at a
+/// time. No event type has a second version yet; this is where the first one will go.
+fn upcast(_event_type: &str, _version: u16, data: serde_json::Value) -> serde_json::Value {
+    data
+}
+
+pub fn request_stream(id: &Uuid) -> String {
+    format!("request-{}", id.simple())
+}
+
+/// The ingress accepted a request and queued it for the workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestAccepted {
+    pub request_id: Uuid,
+    pub api: crate::work::Api,
+    pub model: String,
+    pub stream: bool,
+    pub key_id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub group: String,
+}
+
+/// A worker started calling a channel for a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptStarted {
+    pub request_id: Uuid,
+    pub attempt: u32,
+    pub channel_id: Uuid,
+    pub channel_name: String,
+    pub upstream_model: String,
+}
+
+/// One attempt failed; the router decided from `kind` whether to try another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptFailed {
+    pub request_id: Uuid,
+    pub attempt: u32,
+    pub channel_id: Uuid,
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+/// A request completed. This is the fact billing charges for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionFinished {
+    pub request_id: Uuid,
+    pub key_id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub model: String,
+    pub channel_id: Uuid,
+    pub channel_name: String,
+    pub upstream_model: String,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    pub finish_reason: Option<String>,
+    /// Milliseconds from the worker taking the request to the first content byte.
+    pub ttft_ms: Option<u64>,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    /// Set when the request belongs to a session; then `content` holds the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// A request ended with an error; nothing is charged unless `usage` is set (tokens
+/// generated before a mid-stream failure).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestFailed {
+    pub request_id: Uuid,
+    pub key_id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub model: String,
+    pub kind: ErrorKind,
+    pub status: u16,
+    pub message: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_source: Option<UsageSource>,
+}
+
+/// A request was stopped (client cancel or gone); the partial usage is charged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestCancelled {
+    pub request_id: Uuid,
+    pub key_id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub model: String,
+    pub channel_id: Option<Uuid>,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    pub reason: String,
+}
+
+/// A model's price from `effective_at` on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PriceSet {
+    pub model: String,
+    pub price: Price,
+    pub effective_at: DateTime<Utc>,
+}
+
+/// Money added to (or, when negative, taken from) a key's balance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreditGranted {
+    pub key_id: Uuid,
+    pub amount: Nanos,
+    pub note: String,
+}
+
+/// Audit: a key was created (its secret never appears in an event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyCreated {
+    pub key_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub group: String,
+    pub source: String,
+}
+
+/// Audit: a channel was created or changed (secrets never appear in an event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelConfigured {
+    pub channel_id: Uuid,
+    pub name: String,
+    pub channel_type: String,
+    pub models: Vec<String>,
+    pub enabled: bool,
+    pub source: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips() {
+        let ev = Event::PriceSet(PriceSet {
+            model: "gpt-4o-mini".into(),
+            price: Price::default(),
+            effective_at: Utc::now(),
+        });
+        let env = ev.clone().into_envelope(Utc::now(), Metadata::default());
+        assert_eq!(env.event_type, "PriceSet");
+        assert_eq!(env.stream, "price-gpt-4o-mini");
+        let json = serde_json::to_string(&env).expect("serialize");
+        let back: Envelope = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back.decode().expect("decode"), ev);
+    }
+
+    #[test]
+    fn unknown_and_future_events_are_errors() {
+        let mut env = Event::CreditGranted(CreditGranted {
+            key_id: crate::new_id(),
+            amount: Nanos(5),
+            note: String::new(),
+        })
+        .into_envelope(Utc::now(), Metadata::default());
+        env.schema_version = 99;
+        assert!(matches!(
+            env.decode(),
+            Err(EventError::FutureVersion { .. })
+        ));
+        env.event_type = "Nope".into();
+        assert!(matches!(env.decode(), Err(EventError::UnknownType(_))));
+    }
+}
