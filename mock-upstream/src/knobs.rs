@@ -22,7 +22,9 @@ pub struct MockConfig {
     pub ttft_ms: u64,
     /// Answer every chat request with this status and the provider's error body.
     pub fail_status: Option<u16>,
-    /// In a stream, cut the connection (no `[DONE]`) after this many content chunks.
+    /// In a stream, cut the connection after this many content chunks: the body ends with an
+    /// error, without `finish_reason` or `[DONE]`. At or past `chunks` the cut comes right after
+    /// the last content chunk. Ignored by non-stream requests.
     pub disconnect_after: Option<u32>,
     /// Whether the provider reports usage at all (false simulates providers that never do).
     pub usage: bool,

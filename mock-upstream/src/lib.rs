@@ -132,7 +132,11 @@ pub async fn serve(
     run(listener, Shared::new(config, shutdown.child_token()), true).await
 }
 
-async fn run(listener: tokio::net::TcpListener, shared: Arc<Shared>, ctrl_c: bool) -> io::Result<()> {
+async fn run(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    ctrl_c: bool,
+) -> io::Result<()> {
     let token = shared.shutdown.clone();
     // Nagle plus delayed ACK costs ~40 ms per keep-alive request; a benchmark baseline cannot
     // afford that.

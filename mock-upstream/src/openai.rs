@@ -1,29 +1,27 @@
 //! The OpenAI surface: `POST /v1/chat/completions` (stream and not), `GET /v1/models` and
 //! `GET /v1/models/{id}`, with OpenAI's exact shapes, so the gateway's OpenAI adapter is tested
-//! against what it will meet in production.
-//!
-//! Stream events are written straight into bytes from precomputed pieces (one allocation per
-//! event) rather than through serde per chunk: the mock is the benchmark baseline.
+//! against what it will meet in production. The stream encoder lives in [`sse`].
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::knobs::{Knobs, MockOverrides};
-use crate::stats::{StreamEnd, StreamGuard};
+use crate::knobs::MockOverrides;
 use crate::Shared;
+
+mod sse;
+
+use sse::{stream_response, SseWriter, StreamPlan};
 
 /// The one model `GET /v1/models` lists; chat requests accept any model name and echo it.
 pub const MOCK_MODEL: &str = "mock-model";
@@ -94,9 +92,11 @@ fn prompt_tokens(messages: &[Message<'_>]) -> u64 {
             3 + match &m.content {
                 None => 0,
                 Some(Content::Text(s)) => words(s),
-                Some(Content::Parts(parts)) => {
-                    parts.iter().filter_map(|p| p.text.as_deref()).map(words).sum()
-                }
+                Some(Content::Parts(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.text.as_deref())
+                    .map(words)
+                    .sum(),
             }
         })
         .sum()
@@ -234,13 +234,25 @@ pub fn provider_error(status: u16) -> Response {
 }
 
 fn invalid_request(message: &str, param: Option<&str>, code: Option<&str>) -> Response {
-    error_response(StatusCode::BAD_REQUEST, message, "invalid_request_error", param, code)
+    error_response(
+        StatusCode::BAD_REQUEST,
+        message,
+        "invalid_request_error",
+        param,
+        code,
+    )
 }
 
 /// `404` for unknown paths, worded as OpenAI does.
 pub(crate) async fn not_found(method: Method, uri: Uri) -> Response {
     let msg = format!("Invalid URL ({method} {})", uri.path());
-    error_response(StatusCode::NOT_FOUND, &msg, "invalid_request_error", None, None)
+    error_response(
+        StatusCode::NOT_FOUND,
+        &msg,
+        "invalid_request_error",
+        None,
+        None,
+    )
 }
 
 /// `None` when the request carries `Authorization: Bearer <key>`, else OpenAI's 401.
@@ -290,7 +302,11 @@ async fn chat_completions(
 ) -> Response {
     let cfg = shared.config();
     // Auth comes before parsing, as with OpenAI (a per-request key can only be checked later).
-    if let Some(resp) = cfg.require_key.as_deref().and_then(|k| check_key(&headers, k)) {
+    if let Some(resp) = cfg
+        .require_key
+        .as_deref()
+        .and_then(|k| check_key(&headers, k))
+    {
         return resp;
     }
     let req: ChatRequest<'_> = match serde_json::from_slice(&body) {
@@ -351,7 +367,11 @@ async fn chat_completions(
             finish_reason,
             usage: if include_usage { usage } else { None },
         };
-        return stream_response(&shared, SseWriter::new(&id, model, plan.usage.is_some()), plan);
+        return stream_response(
+            &shared,
+            SseWriter::new(&id, model, plan.usage.is_some()),
+            plan,
+        );
     }
 
     if !pause(&shared.shutdown, knobs.ttft_ms).await {
@@ -397,171 +417,9 @@ fn model_object(id: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": "mock"})
 }
 
-// ---------------------------------------------------------------------------------------------
-// Streaming
-
-/// What one stream will send.
-struct StreamPlan {
-    knobs: Knobs,
-    n: u32,
-    finish_reason: &'static str,
-    /// `Some` when the client asked for usage and the provider reports it.
-    usage: Option<Usage>,
-}
-
-/// Builds `chat.completion.chunk` events from a precomputed head (everything before
-/// `"choices"`) and tail (`"usage":null` when usage was asked for, as OpenAI does).
-struct SseWriter {
-    head: Vec<u8>,
-    tail: &'static [u8],
-}
-
-impl SseWriter {
-    fn new(id: &str, model: &str, with_usage: bool) -> Self {
-        let model = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".into());
-        let head = format!(
-            "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{model},\"service_tier\":\"default\",\"system_fingerprint\":\"{FINGERPRINT}\",\"choices\":",
-            unix_now()
-        );
-        let tail: &[u8] = if with_usage {
-            b",\"usage\":null}\n\n"
-        } else {
-            b"}\n\n"
-        };
-        Self {
-            head: head.into_bytes(),
-            tail,
-        }
-    }
-
-    fn event(&self, parts: &[&[u8]]) -> Bytes {
-        let len = self.head.len() + self.tail.len() + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut buf = BytesMut::with_capacity(len);
-        buf.put_slice(&self.head);
-        for p in parts {
-            buf.put_slice(p);
-        }
-        buf.put_slice(self.tail);
-        buf.freeze()
-    }
-
-    fn role(&self) -> Bytes {
-        self.event(&[br#"[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]"#])
-    }
-
-    fn content(&self, i: u32) -> Bytes {
-        let mut num = [0u8; 10];
-        let digits = format_u32(i, &mut num);
-        self.event(&[
-            br#"[{"index":0,"delta":{"content":"tok"#,
-            digits,
-            br#" "},"logprobs":null,"finish_reason":null}]"#,
-        ])
-    }
-
-    fn finish(&self, reason: &str) -> Bytes {
-        self.event(&[
-            br#"[{"index":0,"delta":{},"logprobs":null,"finish_reason":""#,
-            reason.as_bytes(),
-            br#""}]"#,
-        ])
-    }
-
-    fn usage(&self, usage: &Usage) -> Bytes {
-        let json = serde_json::to_vec(usage).unwrap_or_default();
-        let mut buf = BytesMut::with_capacity(self.head.len() + json.len() + 16);
-        buf.put_slice(&self.head);
-        buf.put_slice(b"[],\"usage\":");
-        buf.put_slice(&json);
-        buf.put_slice(b"}\n\n");
-        buf.freeze()
-    }
-}
-
-/// Decimal digits of `v` without a heap allocation.
-fn format_u32(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
-fn cut() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, "mock upstream cut the stream")
-}
-
-fn stream_response(shared: &Arc<Shared>, w: SseWriter, plan: StreamPlan) -> Response {
-    // Created here, not inside the stream, so a body dropped before its first poll still counts.
-    let mut guard = StreamGuard::new(shared.counters.clone());
-    let shutdown = shared.shutdown.clone();
-    let StreamPlan {
-        knobs,
-        n,
-        finish_reason,
-        usage,
-    } = plan;
-    let body = async_stream::stream! {
-        if !pause(&shutdown, knobs.ttft_ms).await {
-            guard.finish(StreamEnd::Disconnected);
-            yield Err(cut());
-            return;
-        }
-        yield Ok(w.role());
-        for i in 0..n {
-            if knobs.disconnect_after == Some(i) {
-                break;
-            }
-            if i > 0 && !pause(&shutdown, knobs.chunk_delay_ms).await {
-                guard.finish(StreamEnd::Disconnected);
-                yield Err(cut());
-                return;
-            }
-            yield Ok(w.content(i));
-        }
-        if knobs.disconnect_after.is_some() {
-            // Let the server flush what was sent, then end the body with an error: the
-            // client sees a connection cut mid-stream, without `finish_reason` or `[DONE]`.
-            guard.finish(StreamEnd::Disconnected);
-            tokio::task::yield_now().await;
-            yield Err(cut());
-            return;
-        }
-        yield Ok(w.finish(finish_reason));
-        if let Some(u) = &usage {
-            yield Ok(w.usage(u));
-        }
-        guard.finish(StreamEnd::Completed);
-        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
-    };
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream; charset=utf-8"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digits() {
-        let mut b = [0u8; 10];
-        assert_eq!(format_u32(0, &mut b), b"0");
-        assert_eq!(format_u32(4_294_967_295, &mut b), b"4294967295");
-        assert_eq!(format_u32(120, &mut b), b"120");
-    }
 
     #[test]
     fn prompt_token_count() {
@@ -573,6 +431,9 @@ mod tests {
             ]}"#,
         )
         .expect("parse");
-        assert_eq!(prompt_tokens(req.messages.as_deref().expect("messages")), 2 + 3 + 3 * 3);
+        assert_eq!(
+            prompt_tokens(req.messages.as_deref().expect("messages")),
+            2 + 3 + 3 * 3
+        );
     }
 }

@@ -126,7 +126,9 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if self.end == StreamEnd::Open {
-            self.counters.streams_aborted.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .streams_aborted
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
