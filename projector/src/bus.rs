@@ -45,7 +45,10 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusErr
         .connection_timeout(Duration::from_secs(5))
         .connect(url)
         .await
-        .map_err(|source| BusError::Connect { url: url.to_owned(), source })
+        .map_err(|source| BusError::Connect {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 /// Creates (or updates) `<NS>_REQUESTS`, `<NS>_CHUNKS` and `<NS>_EVENTS`.
@@ -101,7 +104,9 @@ pub async fn publish_event(
     let publish = PublishMessage::build()
         .payload(payload.into())
         .message_id(envelope.event_id.to_string());
-    Ok(js.send_publish(ns.event_subject(&envelope.stream), publish).await?)
+    Ok(js
+        .send_publish(ns.event_subject(&envelope.stream), publish)
+        .await?)
 }
 
 /// Deletes a namespace's streams. Used by tests to clean up after themselves.

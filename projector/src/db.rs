@@ -26,7 +26,11 @@ pub enum DbError {
 
 /// A pool whose connections use the namespace's schema, so every table name resolves
 /// inside it and two namespaces never share rows.
-pub async fn connect(database_url: &str, ns: &Namespace, max_connections: u32) -> Result<PgPool, DbError> {
+pub async fn connect(
+    database_url: &str,
+    ns: &Namespace,
+    max_connections: u32,
+) -> Result<PgPool, DbError> {
     let opts = PgConnectOptions::from_str(database_url)
         .map_err(DbError::BadUrl)?
         .options([("search_path", ns.pg_schema())]);
@@ -49,10 +53,14 @@ pub async fn migrate(pool: &PgPool, ns: &Namespace) -> Result<(), DbError> {
 
 /// Roles other than `migrate`/`up` refuse to start on a database that lacks migrations.
 pub async fn ensure_migrated(pool: &PgPool, ns: &Namespace) -> Result<(), DbError> {
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-        .fetch_all(pool)
-        .await
-        .map_err(|_| DbError::NotMigrated { schema: ns.pg_schema().to_owned(), detail: String::new() })?;
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .map_err(|_| DbError::NotMigrated {
+                schema: ns.pg_schema().to_owned(),
+                detail: String::new(),
+            })?;
     let missing: Vec<i64> = MIGRATOR
         .iter()
         .map(|m| m.version)
