@@ -1,1 +1,28 @@
-//! placeholder
+//! The workers: they take queued requests from JetStream, route each to a channel, call
+//! the channel's upstream through its adapter, and turn the answer into chunk frames and
+//! domain events.
+//!
+//! - [`run_worker`] is the role's entry point (`sluice worker`): one durable pull consumer
+//!   shared by every worker process, each request in its own task, bounded.
+//! - [`channels`] loads the `channels` table into the router's `ChannelSet` and keeps it
+//!   fresh.
+//! - [`adapters`] speak the providers' protocols (OpenAI today).
+//! - `handler` runs one request: attempts and failover, relaying, terminal events, acks.
+//!   `relay` and `frames` stream and coalesce chunks; `tally` rewrites chunks and notes
+//!   usage; `estimate` counts tokens when the provider reports none.
+
+pub mod adapters;
+pub mod channels;
+mod consumer;
+mod error;
+mod estimate;
+mod events;
+mod frames;
+mod handler;
+mod options;
+mod relay;
+mod tally;
+
+pub use consumer::{run_worker, ACK_WAIT, MAX_ACK_PENDING, MAX_DELIVER};
+pub use error::WorkerError;
+pub use options::WorkerOptions;

@@ -1,0 +1,244 @@
+//! The attempts of one request: calling channels in the router's order, relaying the
+//! answer, and deciding after each failure whether another channel may still help.
+
+use router::Attempt;
+use schemas::events::{AttemptFailed, AttemptStarted};
+use schemas::work::{ApiErrorInfo, ErrorKind};
+use schemas::Event;
+use tokio::time::{sleep_until, Instant};
+use uuid::Uuid;
+
+use super::outcome::{error_info, exhausted, passthrough};
+use super::{Disposition, Request};
+use crate::adapters::{Adapter, ChunkStream, Reply, RequestBody, UpstreamError, UpstreamRequest};
+use crate::estimate;
+use crate::frames::FrameError;
+use crate::relay::{self, Limits, RelayEnd};
+use crate::tally::{Rewriter, Tally};
+
+/// A successful attempt's answer, before its last frames are sent.
+pub(super) enum Answer {
+    /// Relayed; the stream is kept to release its connection at the end.
+    Stream(ChunkStream),
+    /// The whole body, sent after the completion is recorded.
+    Complete(serde_json::Value),
+}
+
+/// How one attempt ended.
+pub(super) enum AttemptEnd {
+    Done(Answer),
+    Failed(UpstreamError),
+    Aborted,
+    /// Frames could not be published: the NATS connection is gone.
+    Lost(FrameError),
+}
+
+impl<'a> Request<'a> {
+    pub(super) async fn attempt_all(
+        &mut self,
+        plan: &[Attempt],
+        body: &RequestBody<'_>,
+    ) -> Disposition {
+        let mut last_error: Option<UpstreamError> = None;
+        let mut unsupported: Option<Uuid> = None;
+        for attempt in plan {
+            if unsupported == Some(attempt.channel.id) {
+                continue;
+            }
+            if Instant::now() >= self.deadline {
+                break;
+            }
+            self.attempts += 1;
+            self.events
+                .emit(Event::AttemptStarted(AttemptStarted {
+                    request_id: self.item.request_id,
+                    attempt: self.attempts,
+                    channel_id: attempt.channel.id,
+                    channel_name: attempt.channel.name.clone(),
+                    upstream_model: attempt.upstream_model.clone(),
+                }))
+                .await;
+            let adapter = match Adapter::for_channel(&attempt.channel, &self.ctx.http) {
+                Ok(adapter) => adapter,
+                Err(e) => {
+                    // A configuration problem of this channel, not of the request: skip
+                    // the channel (all its retries) and go on with the next one.
+                    let e = UpstreamError::new("router", ErrorKind::Internal, e.to_string());
+                    self.attempt_failed(attempt, &e).await;
+                    unsupported = Some(attempt.channel.id);
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            let req = UpstreamRequest {
+                body,
+                upstream_model: &attempt.upstream_model,
+                stream: self.item.stream,
+            };
+            let mut tally = Tally::default();
+            let end = if self.item.stream {
+                self.stream_attempt(&adapter, attempt, req, &mut tally)
+                    .await
+            } else {
+                self.complete_attempt(&adapter, attempt, req, &mut tally)
+                    .await
+            };
+            match end {
+                AttemptEnd::Done(answer) => {
+                    self.finish(attempt, &tally, answer).await;
+                    return Disposition::Ack;
+                }
+                AttemptEnd::Aborted => return Disposition::Nak(None),
+                AttemptEnd::Lost(e) => {
+                    tracing::error!(request_id = %self.item.request_id, error = %e, "cannot publish frames; handing the request back");
+                    return Disposition::Nak(None);
+                }
+                AttemptEnd::Failed(e) => {
+                    self.attempt_failed(attempt, &e).await;
+                    if self.frames.published() {
+                        // The client saw part of the answer: no failover, bill what was made.
+                        let usage =
+                            estimate::usage_of(&tally, &attempt.upstream_model, &self.item.body);
+                        let info = ApiErrorInfo {
+                            status: e.kind.status(),
+                            kind: e.kind,
+                            message: format!("the answer broke off: {e}"),
+                            code: None,
+                            param: None,
+                            retry_after: None,
+                        };
+                        self.fail(info, Some(attempt.channel.id), Some(usage)).await;
+                        return Disposition::Ack;
+                    }
+                    if !e.kind.retryable() {
+                        self.fail(passthrough(&e), Some(attempt.channel.id), None)
+                            .await;
+                        return Disposition::Ack;
+                    }
+                    self.frames.discard();
+                    last_error = Some(e);
+                }
+            }
+        }
+        let info = match &last_error {
+            Some(e) => exhausted(self.attempts, e),
+            None => error_info(
+                ErrorKind::Timeout,
+                "the request's deadline passed before an upstream answered",
+            ),
+        };
+        self.fail(info, None, None).await;
+        Disposition::Ack
+    }
+
+    /// Calls the upstream until its answer starts, racing the given limit and the abort.
+    async fn call(
+        &self,
+        adapter: &Adapter,
+        attempt: &Attempt,
+        req: UpstreamRequest<'_>,
+        limits: Limits,
+    ) -> Result<Reply, AttemptEnd> {
+        let until = if req.stream {
+            (Instant::now() + limits.idle).min(limits.deadline)
+        } else {
+            limits.deadline
+        };
+        tokio::select! {
+            biased;
+            () = self.ctx.abort.cancelled() => Err(AttemptEnd::Aborted),
+            reply = adapter.send(&attempt.channel, req) => reply.map_err(AttemptEnd::Failed),
+            () = sleep_until(until) => Err(AttemptEnd::Failed(relay::timeout(adapter.provider(), limits, Instant::now()))),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            deadline: self.deadline,
+            idle: self.ctx.opts.stream_idle_timeout,
+            window: self.ctx.opts.coalesce_window,
+        }
+    }
+
+    pub(super) fn rewriter(&self) -> Rewriter<'a> {
+        Rewriter {
+            client_model: &self.item.model,
+            include_usage: self.item.include_usage,
+        }
+    }
+
+    async fn stream_attempt(
+        &mut self,
+        adapter: &Adapter,
+        attempt: &Attempt,
+        req: UpstreamRequest<'_>,
+        tally: &mut Tally,
+    ) -> AttemptEnd {
+        let limits = self.limits();
+        let mut stream = match self.call(adapter, attempt, req, limits).await {
+            Ok(Reply::Stream(stream)) => stream,
+            Ok(Reply::Complete(_)) => {
+                return AttemptEnd::Failed(UpstreamError::new(
+                    adapter.provider(),
+                    ErrorKind::Internal,
+                    "the adapter answered a stream request without a stream",
+                ))
+            }
+            Err(end) => return end,
+        };
+        let rewriter = self.rewriter();
+        match relay::relay(
+            &mut stream,
+            &mut self.frames,
+            rewriter,
+            tally,
+            limits,
+            &self.ctx.abort,
+        )
+        .await
+        {
+            Ok(RelayEnd::Finished) => AttemptEnd::Done(Answer::Stream(stream)),
+            Ok(RelayEnd::Failed(e)) => AttemptEnd::Failed(e),
+            Ok(RelayEnd::Aborted) => AttemptEnd::Aborted,
+            Err(e) => AttemptEnd::Lost(e),
+        }
+    }
+
+    async fn complete_attempt(
+        &mut self,
+        adapter: &Adapter,
+        attempt: &Attempt,
+        req: UpstreamRequest<'_>,
+        tally: &mut Tally,
+    ) -> AttemptEnd {
+        let mut body = match self.call(adapter, attempt, req, self.limits()).await {
+            Ok(Reply::Complete(body)) => body,
+            Ok(Reply::Stream(_)) => {
+                return AttemptEnd::Failed(UpstreamError::new(
+                    adapter.provider(),
+                    ErrorKind::Internal,
+                    "the adapter answered a plain request with a stream",
+                ))
+            }
+            Err(end) => return end,
+        };
+        self.rewriter().response(&mut body, tally);
+        // For a plain answer the first token reaches the client with the whole body.
+        tally.first_content_at.get_or_insert_with(Instant::now);
+        AttemptEnd::Done(Answer::Complete(body))
+    }
+
+    async fn attempt_failed(&self, attempt: &Attempt, e: &UpstreamError) {
+        tracing::info!(request_id = %self.item.request_id, channel = %attempt.channel.name, attempt = self.attempts, kind = ?e.kind, status = ?e.status, error = %e, "attempt failed");
+        self.events
+            .emit(Event::AttemptFailed(AttemptFailed {
+                request_id: self.item.request_id,
+                attempt: self.attempts,
+                channel_id: attempt.channel.id,
+                kind: e.kind,
+                status: e.status,
+                message: e.message.clone(),
+            }))
+            .await;
+    }
+}

@@ -1,0 +1,220 @@
+//! One request, from the queued message to its terminal event and ack.
+//!
+//! Order of effects, which the ingress, billing and redelivery rely on:
+//! 1. `AttemptStarted` per attempt (not awaited), `AttemptFailed` when one fails;
+//! 2. chunk frames as they come (stream) — nothing before the first content, so an attempt
+//!    can fail over until then;
+//! 3. the terminal event (`CompletionFinished` or `RequestFailed`), awaited until stored;
+//! 4. the last frames with `Done` or `Error` in one message;
+//! 5. the ack of the work message.
+//!
+//! All of it goes over one NATS connection, which keeps this order on the server: when the
+//! ack arrives, the terminal event and frame are already there. A redelivered request
+//! (the worker died) is recognised from the last stored frame instead of run twice.
+
+mod attempt;
+mod outcome;
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use schemas::work::{ErrorKind, Frame, FrameKind, WorkItem};
+use schemas::Namespace;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters::RequestBody;
+use crate::events::EventOut;
+use crate::frames::FrameOut;
+use crate::options::WorkerOptions;
+
+use outcome::error_info;
+
+/// What every request of a worker shares.
+pub struct Ctx {
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub ns: Namespace,
+    /// `<NS>_CHUNKS`, read on redelivery to see what the client already got.
+    pub chunks: jetstream::stream::Stream,
+    pub channels: router::ChannelSet,
+    pub http: reqwest::Client,
+    pub opts: WorkerOptions,
+    /// Cancelled when the shutdown grace period is over: requests still running stop and
+    /// hand their message back to the queue.
+    pub abort: CancellationToken,
+}
+
+/// What to tell JetStream about the work message.
+enum Disposition {
+    Ack,
+    /// Give it back: another worker (or this one later) takes it.
+    Nak(Option<Duration>),
+}
+
+/// What an earlier delivery of this request left on the chunk subject.
+enum Prior {
+    Nothing,
+    Ended,
+    Started { last_seq: u64 },
+}
+
+/// Handles one work message, ack included.
+pub async fn handle(ctx: &Ctx, msg: jetstream::Message) {
+    let taken_at = Instant::now();
+    let item: WorkItem = match serde_json::from_slice(&msg.payload) {
+        Ok(item) => item,
+        Err(e) => {
+            tracing::error!(subject = %msg.subject, error = %e, "undecodable work item; terminated");
+            if let Err(e) = msg.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "terminating an undecodable work item failed");
+            }
+            return;
+        }
+    };
+    let delivered = msg.info().map_or(1, |i| i.delivered);
+    let work = Request::new(ctx, &item, taken_at).run(delivered);
+    let disposition = with_progress(&msg, ctx.opts.progress_interval, work).await;
+    let acked = match disposition {
+        Disposition::Ack => msg.ack().await,
+        Disposition::Nak(delay) => msg.ack_with(AckKind::Nak(delay)).await,
+    };
+    if let Err(e) = acked {
+        tracing::warn!(request_id = %item.request_id, error = %e, "acknowledging a request failed; it may be redelivered");
+    }
+}
+
+/// Runs `work`, telling JetStream every `every` that the message is still being worked
+/// on, so a long generation is not redelivered to another worker after the ack wait.
+async fn with_progress<F: Future>(msg: &jetstream::Message, every: Duration, work: F) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "sending an in-progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+struct Request<'a> {
+    ctx: &'a Ctx,
+    item: &'a WorkItem,
+    /// When this worker took the request: the origin of `ttft_ms` and `duration_ms`.
+    taken_at: Instant,
+    deadline: Instant,
+    chunk_subject: String,
+    frames: FrameOut,
+    events: EventOut<'a>,
+    attempts: u32,
+}
+
+impl<'a> Request<'a> {
+    fn new(ctx: &'a Ctx, item: &'a WorkItem, taken_at: Instant) -> Self {
+        let left = (item.deadline - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let chunk_subject = ctx.ns.chunk_subject(&item.request_id);
+        Self {
+            ctx,
+            item,
+            taken_at,
+            deadline: taken_at + left,
+            frames: FrameOut::new(ctx.nats.clone(), chunk_subject.clone().into()),
+            chunk_subject,
+            events: EventOut::new(&ctx.js, &ctx.ns, item),
+            attempts: 0,
+        }
+    }
+
+    async fn run(mut self, delivered: i64) -> Disposition {
+        if delivered > 1 {
+            match self.prior_frames().await {
+                Ok(Prior::Nothing) => {}
+                Ok(Prior::Ended) => return Disposition::Ack,
+                Ok(Prior::Started { last_seq }) => {
+                    self.frames.continue_after(last_seq);
+                    let message = "the worker serving this request stopped after the answer had started; send the request again";
+                    self.fail(error_info(ErrorKind::WorkerLost, message), None, None)
+                        .await;
+                    return Disposition::Ack;
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %self.item.request_id, error = %e, "cannot read a redelivered request's frames; retrying later");
+                    return Disposition::Nak(Some(Duration::from_secs(1)));
+                }
+            }
+        }
+        if self.item.deadline <= Utc::now() {
+            let info = error_info(
+                ErrorKind::Timeout,
+                "the request waited in the queue past its deadline",
+            );
+            self.fail(info, None, None).await;
+            return Disposition::Ack;
+        }
+        let Ok(body) = RequestBody::parse(&self.item.body) else {
+            let info = error_info(
+                ErrorKind::BadRequest,
+                "the request body must be a JSON object",
+            );
+            self.fail(info, None, None).await;
+            return Disposition::Ack;
+        };
+        let plan = {
+            let channels = self.ctx.channels.snapshot();
+            router::plan(
+                &channels,
+                &self.item.model,
+                &self.item.group,
+                &mut rand::rng(),
+            )
+        };
+        if plan.is_empty() {
+            let message = format!("no channel available for model `{}`", self.item.model);
+            self.fail(error_info(ErrorKind::NoChannel, message), None, None)
+                .await;
+            return Disposition::Ack;
+        }
+        self.attempt_all(&plan, &body).await
+    }
+
+    /// Goes through the plan until an attempt answers, one fails in a way another channel
+    /// cannot fix, content already reached the client, or the deadline passes.
+    async fn prior_frames(&self) -> Result<Prior, jetstream::stream::DirectGetError> {
+        match self
+            .ctx
+            .chunks
+            .direct_get_last_for_subject(self.chunk_subject.as_str())
+            .await
+        {
+            Ok(msg) => match serde_json::from_slice::<Vec<Frame>>(&msg.payload) {
+                Ok(frames)
+                    if frames
+                        .iter()
+                        .any(|f| matches!(f.kind, FrameKind::Done | FrameKind::Error)) =>
+                {
+                    Ok(Prior::Ended)
+                }
+                Ok(frames) => Ok(Prior::Started {
+                    last_seq: frames.last().map_or(0, |f| f.seq),
+                }),
+                Err(e) => {
+                    tracing::error!(request_id = %self.item.request_id, error = %e, "undecodable stored frames; treating the request as ended");
+                    Ok(Prior::Ended)
+                }
+            },
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                Ok(Prior::Nothing)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

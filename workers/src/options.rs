@@ -1,0 +1,44 @@
+//! Tuning of one worker process. The consumer's own settings (ack wait, max deliveries)
+//! are shared by every worker and live as constants in [`crate::consumer`].
+
+use std::time::Duration;
+
+use schemas::sealed::SecretKey;
+
+/// How a worker process runs. `Default` gives the production values.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Requests handled at once by this process; a permit is taken before a message is
+    /// pulled, so a saturated worker leaves queued requests to other workers.
+    pub max_in_flight: usize,
+    /// Opens the channels' sealed API keys (`SLUICE_SECRET_KEY`). Without it, channels
+    /// that have a key are skipped (and logged); channels without one still work.
+    pub secret_key: Option<SecretKey>,
+    /// How often the `channels` table is reloaded, so admin changes reach running workers.
+    pub channel_refresh: Duration,
+    /// On shutdown, how long in-flight requests may take to finish before they are
+    /// abandoned (and handed back to the queue).
+    pub shutdown_grace: Duration,
+    /// How often a long request tells JetStream it is still being worked on, well inside
+    /// the consumer's 30 s ack wait.
+    pub progress_interval: Duration,
+    /// Longest silence from an upstream before the attempt counts as timed out: before the
+    /// response headers of a stream, and between two chunks.
+    pub stream_idle_timeout: Duration,
+    /// Longest a batch of frames waits for more chunks once content has been sent.
+    pub coalesce_window: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            secret_key: None,
+            channel_refresh: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
+            progress_interval: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(120),
+            coalesce_window: Duration::from_millis(2),
+        }
+    }
+}
