@@ -1,1 +1,103 @@
-//! placeholder
+//! The HTTP front door: authenticates callers, validates and admits requests, queues
+//! them on JetStream for the workers, and relays the workers' frames back as SSE or as
+//! one JSON body. It never waits for Postgres on the hot path: keys, balances and the
+//! model list are held in memory and refreshed in the background.
+
+pub mod auth;
+pub mod directory;
+pub mod error;
+pub mod limits;
+pub mod relay;
+pub mod request_id;
+pub mod routes;
+pub mod state;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub use directory::{hash_key, Directory};
+pub use error::ApiError;
+pub use state::{AppState, IngressOptions};
+
+use schemas::Namespace;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error(transparent)]
+    Bus(#[from] projector::bus::BusError),
+    #[error("cannot load keys and models from Postgres: {0}")]
+    Directory(#[source] sqlx::Error),
+    #[error("serving HTTP failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Builds the shared state: streams exist, and keys and models are loaded once.
+pub async fn build_state(
+    nats: async_nats::Client,
+    pool: sqlx::PgPool,
+    redis: Option<redis::aio::ConnectionManager>,
+    ns: Namespace,
+    opts: IngressOptions,
+) -> Result<Arc<AppState>, IngressError> {
+    let js = async_nats::jetstream::new(nats.clone());
+    projector::bus::ensure_streams(&js, &ns).await?;
+    let directory = Directory::default();
+    directory
+        .refresh(&pool)
+        .await
+        .map_err(IngressError::Directory)?;
+    let limiter = limits::RateLimiter::new(redis, ns.clone());
+    Ok(Arc::new(AppState {
+        ns,
+        nats,
+        js,
+        pool,
+        directory,
+        limiter,
+        opts,
+    }))
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.opts.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat::chat_completions))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{id}", get(routes::models::get))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(request_id::assign))
+        .with_state(state)
+}
+
+/// Serves until `shutdown`, then stops accepting and lets open responses finish.
+pub async fn run_ingress(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) -> Result<(), IngressError> {
+    let refresh = tokio::spawn(state.directory.clone().refresh_loop(
+        state.pool.clone(),
+        state.opts.refresh_every,
+        shutdown.clone(),
+    ));
+    // Nagle plus delayed ACKs would add tens of milliseconds to every keep-alive request.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = router(state);
+    let token = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await?;
+    shutdown.cancel();
+    let _ = refresh.await;
+    Ok(())
+}
