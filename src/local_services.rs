@@ -795,8 +795,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         assert!(reachable("127.0.0.1", port, PROBE_TIMEOUT).await);
-        drop(listener);
-        assert!(!reachable("127.0.0.1", port, PROBE_TIMEOUT).await);
+        // A bound socket that does not listen keeps the port ours (no other test can take
+        // it) while refusing connections.
+        let closed = tokio::net::TcpSocket::new_v4()?;
+        closed.bind("127.0.0.1:0".parse()?)?;
+        let closed_port = closed.local_addr()?.port();
+        assert!(!reachable("127.0.0.1", closed_port, PROBE_TIMEOUT).await);
         Ok(())
     }
 
