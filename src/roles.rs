@@ -94,7 +94,10 @@ pub async fn ingress(settings: &Settings, shutdown: CancellationToken) -> anyhow
         pool,
         redis,
         settings.namespace.clone(),
-        ingress::IngressOptions::default(),
+        ingress::IngressOptions {
+            admin_token: settings.admin_token.as_ref().map(|t| t.expose().to_owned()),
+            ..Default::default()
+        },
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)

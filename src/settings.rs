@@ -19,6 +19,8 @@ pub struct Settings {
     pub nats_url: String,
     pub redis_url: String,
     pub namespace: Namespace,
+    /// Bootstrap admin bearer for `/api/admin/*` (`SLUICE_ADMIN_TOKEN`).
+    pub admin_token: Option<Secret>,
     /// Base64 AES-256 key sealing provider secrets (`SLUICE_SECRET_KEY`).
     pub secret_key: Option<Secret>,
     /// Where a role other than `ingress` serves `/healthz` and `/metrics`, when set.
@@ -71,6 +73,7 @@ impl Settings {
             nats_url: pick("SLUICE_NATS_URL", &file.nats_url, DEFAULT_NATS_URL),
             redis_url: pick("SLUICE_REDIS_URL", &file.redis_url, DEFAULT_REDIS_URL),
             namespace,
+            admin_token: secret("SLUICE_ADMIN_TOKEN", &file.admin_token),
             secret_key: secret("SLUICE_SECRET_KEY", &file.secret_key),
             metrics_listen: env("SLUICE_METRICS_LISTEN").filter(|v| !v.is_empty()),
             file,

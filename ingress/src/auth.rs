@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::directory::{Caller, Directory};
 use crate::error::ApiError;
+use crate::state::AppState;
 
 pub fn authenticate(directory: &Directory, headers: &HeaderMap) -> Result<Arc<Caller>, ApiError> {
     let bearer = headers
@@ -26,4 +27,31 @@ pub fn authenticate(directory: &Directory, headers: &HeaderMap) -> Result<Arc<Ca
         .filter(|k| !k.is_empty())
         .ok_or(ApiError::MissingKey)?;
     directory.caller(key).ok_or(ApiError::InvalidKey)
+}
+
+/// Proof that the caller is an admin: today the bootstrap `SLUICE_ADMIN_TOKEN`, compared in
+/// constant time. Handlers of `/api/admin/*` take it as an extractor.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        use subtle::ConstantTimeEq;
+        let presented = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(ApiError::MissingKey)?;
+        match &state.opts.admin_token {
+            Some(token) if bool::from(token.as_bytes().ct_eq(presented.as_bytes())) => Ok(Admin),
+            _ => Err(ApiError::Forbidden),
+        }
+    }
 }

@@ -14,6 +14,8 @@ pub enum ApiError {
     MissingKey,
     #[error("incorrect API key provided")]
     InvalidKey,
+    #[error("this route needs admin rights")]
+    Forbidden,
     #[error("{0}")]
     InvalidRequest(#[from] InvalidRequest),
     #[error("the request body is not valid JSON: {0}")]
@@ -46,6 +48,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MissingKey | ApiError::InvalidKey => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::InvalidRequest(_) | ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::MissingKey | ApiError::InvalidKey => {
                 (ErrorKind::Auth, Some("invalid_api_key"), None, None)
             }
+            ApiError::Forbidden => (ErrorKind::Auth, Some("forbidden"), None, None),
             ApiError::InvalidRequest(e) => (ErrorKind::BadRequest, None, e.param.clone(), None),
             ApiError::MalformedJson(_) => (ErrorKind::BadRequest, None, None, None),
             ApiError::PayloadTooLarge { .. } => {

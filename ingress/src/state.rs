@@ -17,6 +17,8 @@ pub struct IngressOptions {
     pub request_timeout: Duration,
     /// How often keys, balances and models are reloaded from Postgres.
     pub refresh_every: Duration,
+    /// `SLUICE_ADMIN_TOKEN`: a bearer token with admin rights (bootstrap). Unset = no token admin.
+    pub admin_token: Option<String>,
 }
 
 impl Default for IngressOptions {
@@ -25,6 +27,7 @@ impl Default for IngressOptions {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(300),
             refresh_every: Duration::from_secs(2),
+            admin_token: None,
         }
     }
 }
