@@ -1,7 +1,11 @@
 //! `sluice <role>`: one binary, each role a subcommand. This file only parses the
 //! command line, sets up logging and a shutdown token, and hands over to `roles`.
 
+mod admin;
+mod audit;
+mod events_cmd;
 mod local_services;
+mod replay;
 mod roles;
 mod seed;
 mod settings;
@@ -43,6 +47,17 @@ enum Role {
     Migrate,
     /// A fake provider speaking OpenAI's wire format, for tests and benchmarks.
     MockUpstream(roles::MockArgs),
+    /// Runs a projector over the event log into a scratch schema (or rebuilds it in place),
+    /// optionally re-pricing history under another price table.
+    Replay(replay::ReplayArgs),
+    /// Rebuilds billing from the log and compares it with the live read model; exits
+    /// non-zero on any difference.
+    Audit(audit::AuditArgs),
+    /// The raw event log: `tail` (live, JetStream), `export` (Postgres, JSON lines or CSV),
+    /// `synth` (synthetic events for benchmarks).
+    Events(events_cmd::EventsArgs),
+    /// Operator commands, e.g. `sluice admin create-user --name root` (the first admin).
+    Admin(admin::AdminArgs),
 }
 
 fn init_tracing() {
@@ -108,6 +123,10 @@ async fn main() -> std::process::ExitCode {
                 Role::Billing => roles::billing(&settings, shutdown).await,
                 Role::Projector => roles::projector(&settings, shutdown).await,
                 Role::Migrate => roles::migrate(&settings).await,
+                Role::Replay(args) => replay::run(&settings, args, shutdown).await,
+                Role::Audit(args) => audit::run(&settings, args, shutdown).await,
+                Role::Events(args) => events_cmd::run(&settings, args, shutdown).await,
+                Role::Admin(args) => admin::run(&settings, args).await,
                 Role::MockUpstream(_) => Ok(()),
             },
         },

@@ -96,6 +96,8 @@ pub async fn ingress(settings: &Settings, shutdown: CancellationToken) -> anyhow
         settings.namespace.clone(),
         ingress::IngressOptions {
             admin_token: settings.admin_token.as_ref().map(|t| t.expose().to_owned()),
+            secret_key: secret_key(settings)?,
+            jwt_secret: crate::admin::jwt_secret(settings),
             ..Default::default()
         },
     )
@@ -119,7 +121,8 @@ pub async fn worker(
         max_in_flight,
         secret_key: secret_key(settings)?,
         ..Default::default()
-    };
+    }
+    .with_routing(&settings.file.routing);
     health_server(settings, shutdown.clone()).await?;
     workers::run_worker(client, pool, settings.namespace.clone(), opts, shutdown).await?;
     Ok(())

@@ -43,7 +43,7 @@ struct Args {
     /// Concurrent clients; one scenario per value.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
     concurrency: Vec<usize>,
-    /// Requests per measured phase [default: 300 at concurrency 1, 2000 above; --quick: 60 / 300].
+    /// Requests per measured phase [default: 2000 at concurrency 1, 10000 above; --quick: 200 / 1000].
     #[arg(long)]
     requests: Option<usize>,
     /// Warm-up requests per side before each measured phase [default: 100; --quick: 20].
@@ -91,7 +91,14 @@ struct Args {
     /// (perf's own overhead then inflates the CPU figures).
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
+    /// Only drop a namespace an earlier `--keep` run left (its schema and streams), then exit.
+    #[arg(long, value_name = "NAMESPACE")]
+    drop_namespace: Option<String>,
 }
+
+/// Machine busy time with the stack idle above which the machine counts as busy with other
+/// work (5% of one CPU), and machine-wide CPU figures are not used.
+const QUIET_US_PER_S: f64 = 50_000.0;
 
 fn sluice_bin(args: &Args) -> anyhow::Result<PathBuf> {
     let candidates: Vec<PathBuf> = match &args.sluice_bin {
@@ -137,10 +144,10 @@ fn specs(args: &Args) -> Vec<Spec> {
         for &concurrency in &args.concurrency {
             let concurrency = concurrency.max(1);
             let default = match (args.quick, concurrency) {
-                (false, 1) => 300,
-                (false, _) => 2000,
-                (true, 1) => 60,
-                (true, _) => 300,
+                (false, 1) => 2000,
+                (false, _) => 10_000,
+                (true, 1) => 200,
+                (true, _) => 1000,
             };
             out.push(Spec {
                 stream: kind == Kind::Stream,
@@ -170,23 +177,26 @@ async fn measure(
     // the idle stack and the rest of the machine cost per second.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let window = Duration::from_secs(if args.quick { 1 } else { 3 });
-    let idle = scenario::idle_busy_us_per_s(stack, ticks, window).await?;
+    let idle = scenario::idle(stack, ticks, window).await?;
+    let machine_quiet = idle.machine_us_per_s <= QUIET_US_PER_S;
     eprintln!(
-        "idle machine busy time: {:.1} ms per second (subtracted from everything-together)",
-        idle / 1000.0
+        "idle: machine busy {:.1} ms/s, the stack's processes {:.1} ms/s (subtracted from everything-together)",
+        idle.machine_us_per_s / 1000.0,
+        idle.by_process_total() / 1000.0
     );
-    if idle > 50_000.0 {
+    if !machine_quiet {
         eprintln!(
-            "warning: the machine is busy while the stack is idle ({:.0}% of one CPU): something else is running, \
-             machine-wide figures will be noisy; compare the by-process column",
-            idle / 10_000.0
+            "warning: the machine is busy while the stack is idle ({:.0}% of one CPU): something else is running; \
+             everything-together CPU is taken from the stack's processes instead of the machine-wide time",
+            idle.machine_us_per_s / 10_000.0
         );
     }
     let mut ctx = scenario::Context {
         stack,
         http,
         ticks,
-        idle_busy_us_per_s: idle,
+        idle: idle.clone(),
+        machine_quiet,
         perf_dir: args.perf.clone(),
     };
     let mut results = Vec::new();
@@ -220,13 +230,19 @@ async fn measure(
         chunk_delay_ms: args.chunk_delay_ms,
         ttft_ms: args.ttft_ms,
         warmup: args.warmup.unwrap_or(if args.quick { 20 } else { 100 }),
-        idle_busy_us_per_s: idle,
+        idle,
+        machine_quiet,
         scenarios: results,
         budget,
     })
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(ns) = &args.drop_namespace {
+        stack::drop_namespace(&args.database_url, &args.nats_url, ns).await?;
+        eprintln!("dropped namespace {ns}");
+        return Ok(());
+    }
     let sluice = sluice_bin(&args)?;
     let ticks = ClockTicks::detect();
     if ticks.source != "getconf CLK_TCK" {

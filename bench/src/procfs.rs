@@ -81,8 +81,10 @@ fn parse_stat_ticks(text: &str) -> anyhow::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
-/// Machine-wide busy time of all CPUs, in clock ticks: every column of the `cpu` line of
-/// `/proc/stat` except `idle` and `iowait` (guest time is already inside `user`).
+/// Machine-wide busy time of all CPUs, in clock ticks: `user + nice + system + irq +
+/// softirq` of the `cpu` line of `/proc/stat`. Not `idle` and `iowait`, and not `steal` (time
+/// a virtual CPU wanted to run but the hypervisor ran someone else: no work of ours); guest
+/// time is already inside `user`.
 pub fn machine_busy_ticks() -> anyhow::Result<u64> {
     let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     parse_machine_busy(&text).context("parsing /proc/stat")
@@ -102,7 +104,7 @@ fn parse_machine_busy(text: &str) -> anyhow::Result<u64> {
         bail!("`cpu` line has {} columns, expected at least 8", cols.len());
     }
     // user nice system idle iowait irq softirq steal [guest guest_nice]
-    Ok(cols[0] + cols[1] + cols[2] + cols[5] + cols[6] + cols[7])
+    Ok(cols[0] + cols[1] + cols[2] + cols[5] + cols[6])
 }
 
 /// Resident set size (`VmRSS` of `/proc/<pid>/status`) in bytes.
@@ -181,12 +183,9 @@ mod tests {
     }
 
     #[test]
-    fn machine_busy_skips_idle_and_iowait() {
+    fn machine_busy_skips_idle_iowait_and_steal() {
         let text = "cpu  10 1 5 1000 7 2 3 4 0 0\ncpu0 5 0 2 500 3 1 1 2 0 0\n";
-        assert_eq!(
-            parse_machine_busy(text).expect("parse"),
-            10 + 1 + 5 + 2 + 3 + 4
-        );
+        assert_eq!(parse_machine_busy(text).expect("parse"), 10 + 1 + 5 + 2 + 3);
     }
 
     #[test]

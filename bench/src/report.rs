@@ -68,8 +68,10 @@ pub struct Report {
     pub chunk_delay_ms: u64,
     pub ttft_ms: u64,
     pub warmup: usize,
-    /// Machine busy µs per second with the stack idle, subtracted from "everything together".
-    pub idle_busy_us_per_s: f64,
+    /// CPU per second with the stack idle, subtracted from "everything together".
+    pub idle: crate::scenario::Idle,
+    /// The machine was quiet (nothing else running), so machine-wide figures are used.
+    pub machine_quiet: bool,
     pub scenarios: Vec<ScenarioResult>,
     pub budget: Vec<Check>,
 }
@@ -218,7 +220,7 @@ pub fn markdown(report: &Report) -> String {
             middle.join(" | "),
             f0(get("mock")),
             f0(r.all_cpu_attributed_us_per_req),
-            f0(r.all_cpu_us_per_req),
+            f0(r.all_cpu_machine_us_per_req),
             f2(r.cpu_ratio_to_mock),
         );
     }

@@ -74,11 +74,15 @@ pub struct ScenarioResult {
     pub direct_mock_cpu_us_per_req: f64,
     /// Ingress + worker CPU per gateway request.
     pub gateway_cpu_us_per_req: f64,
-    /// Machine busy time − this benchmark − the mock − the idle background, per request:
-    /// the gateway with NATS, journal, projectors, Postgres and Redis.
+    /// The gateway with NATS, journal, projectors, Postgres and Redis, per request: the
+    /// machine-wide figure on a quiet machine, else the by-process one (`all_cpu_source`).
     pub all_cpu_us_per_req: f64,
-    /// The same, summed over the processes known to take part (stack roles and the shared
-    /// servers): insensitive to unrelated load on the machine, blind to kernel threads.
+    pub all_cpu_source: &'static str,
+    /// Machine busy time − this benchmark − the mock − the idle background, per request.
+    pub all_cpu_machine_us_per_req: f64,
+    /// Summed over the processes known to take part (stack roles and the shared servers),
+    /// less their idle background: insensitive to unrelated load on the machine, blind to
+    /// kernel threads (softirq work, writeback).
     pub all_cpu_attributed_us_per_req: f64,
     /// Gateway phase, per request, per process (plus `machine`, `bench`, `idle`, `other`).
     pub gateway_breakdown_us_per_req: BTreeMap<String, f64>,
@@ -95,8 +99,11 @@ pub struct Context<'a> {
     pub stack: &'a mut Stack,
     pub http: &'a reqwest::Client,
     pub ticks: ClockTicks,
-    /// Machine busy µs per wall second with the stack idle.
-    pub idle_busy_us_per_s: f64,
+    /// CPU per wall second with the stack idle.
+    pub idle: Idle,
+    /// Whether the machine-wide figure can be trusted: the machine was quiet while the
+    /// stack was idle. Otherwise "everything together" is the by-process sum.
+    pub machine_quiet: bool,
     /// Record a `perf` profile of ingress and worker during each gateway phase, into this dir.
     pub perf_dir: Option<PathBuf>,
 }
@@ -217,15 +224,22 @@ pub async fn run(ctx: &mut Context<'_>, spec: Spec) -> anyhow::Result<ScenarioRe
     let n_direct = d.ok + d.errors;
     let n_gw = g.ok + g.errors;
 
-    let idle_us = ctx.idle_busy_us_per_s * gw_cpu.wall_s;
+    let idle_us = ctx.idle.machine_us_per_s * gw_cpu.wall_s;
     let mock_us = gw_cpu.of("mock");
-    let all_us = (gw_cpu.machine_us - gw_cpu.bench_us - mock_us - idle_us).max(0.0);
-    let attributed_us: f64 = gw_cpu
+    let machine_us = (gw_cpu.machine_us - gw_cpu.bench_us - mock_us - idle_us).max(0.0);
+    let attributed_us: f64 = (gw_cpu
         .by_process_us
         .iter()
         .filter(|(name, _)| name.as_str() != "mock")
         .map(|(_, us)| us)
-        .sum();
+        .sum::<f64>()
+        - ctx.idle.by_process_total() * gw_cpu.wall_s)
+        .max(0.0);
+    let all_us = if ctx.machine_quiet {
+        machine_us
+    } else {
+        attributed_us
+    };
     let mut breakdown: BTreeMap<String, f64> = gw_cpu
         .by_process_us
         .iter()
@@ -234,7 +248,7 @@ pub async fn run(ctx: &mut Context<'_>, spec: Spec) -> anyhow::Result<ScenarioRe
     breakdown.insert("machine".to_owned(), per(gw_cpu.machine_us, n_gw));
     breakdown.insert("bench".to_owned(), per(gw_cpu.bench_us, n_gw));
     breakdown.insert("idle".to_owned(), per(idle_us, n_gw));
-    breakdown.insert("other".to_owned(), per(all_us - attributed_us, n_gw));
+    breakdown.insert("other".to_owned(), per(machine_us - attributed_us, n_gw));
 
     let gateway_cpu = per(gw_cpu.of("ingress") + gw_cpu.of("worker"), n_gw);
     let direct_mock = per(direct_cpu.of("mock"), n_direct);
@@ -251,6 +265,12 @@ pub async fn run(ctx: &mut Context<'_>, spec: Spec) -> anyhow::Result<ScenarioRe
         direct_mock_cpu_us_per_req: direct_mock,
         gateway_cpu_us_per_req: gateway_cpu,
         all_cpu_us_per_req: per(all_us, n_gw),
+        all_cpu_source: if ctx.machine_quiet {
+            "machine"
+        } else {
+            "by-process"
+        },
+        all_cpu_machine_us_per_req: per(machine_us, n_gw),
         all_cpu_attributed_us_per_req: per(attributed_us, n_gw),
         gateway_breakdown_us_per_req: breakdown,
         cpu_ratio_to_mock: gateway_cpu / direct_mock,
@@ -262,16 +282,37 @@ pub async fn run(ctx: &mut Context<'_>, spec: Spec) -> anyhow::Result<ScenarioRe
     })
 }
 
-/// Machine busy time per second with the stack up and idle (the projectors' polling, NATS
-/// heartbeats — and anything else running on the machine), subtracted from each phase.
-pub async fn idle_busy_us_per_s(
-    stack: &Stack,
-    ticks: ClockTicks,
-    window: Duration,
-) -> anyhow::Result<f64> {
+/// CPU per wall second with the stack up and idle (the projectors' polling, NATS heartbeats
+/// — and, machine-wide, anything else running on the machine), subtracted from each phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Idle {
+    /// Machine busy µs per second, less this benchmark's own.
+    pub machine_us_per_s: f64,
+    /// Per process of the stack and shared server, µs per second.
+    pub by_process_us_per_s: BTreeMap<String, f64>,
+}
+
+impl Idle {
+    pub fn by_process_total(&self) -> f64 {
+        self.by_process_us_per_s
+            .iter()
+            .filter(|(k, _)| k.as_str() != "mock")
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+pub async fn idle(stack: &Stack, ticks: ClockTicks, window: Duration) -> anyhow::Result<Idle> {
     let before = Snapshot::take(stack)?;
     tokio::time::sleep(window).await;
     let after = Snapshot::take(stack)?;
     let d = CpuDelta::between(&before, &after, ticks);
-    Ok(((d.machine_us - d.bench_us) / d.wall_s).max(0.0))
+    Ok(Idle {
+        machine_us_per_s: ((d.machine_us - d.bench_us) / d.wall_s).max(0.0),
+        by_process_us_per_s: d
+            .by_process_us
+            .iter()
+            .map(|(k, v)| (k.clone(), v / d.wall_s))
+            .collect(),
+    })
 }

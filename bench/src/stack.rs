@@ -371,3 +371,24 @@ impl Stack {
         result
     }
 }
+
+/// Drops a namespace left by a `--keep` run: its Postgres schema and JetStream streams.
+/// Only `bench_…` namespaces, so a typo cannot drop a real deployment's data.
+pub async fn drop_namespace(database_url: &str, nats_url: &str, name: &str) -> anyhow::Result<()> {
+    if !name.starts_with("bench_") {
+        bail!("refusing to drop `{name}`: only the benchmark's own `bench_…` namespaces");
+    }
+    let ns = Namespace::new(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nats = async_nats::connect(nats_url)
+        .await
+        .context("connecting to NATS")?;
+    projector::bus::delete_streams(&jetstream::new(nats), &ns).await;
+    let pool = projector::db::connect(database_url, &ns, 1)
+        .await
+        .context("connecting to Postgres")?;
+    projector::db::drop_schema(&pool, &ns)
+        .await
+        .context("dropping the schema")?;
+    pool.close().await;
+    Ok(())
+}

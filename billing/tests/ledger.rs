@@ -55,6 +55,8 @@ fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
         total_tokens: prompt + completion,
         cached_tokens: cached,
         reasoning_tokens: 0,
+        cache_creation_tokens: 0,
+        images: 0,
     }
 }
 

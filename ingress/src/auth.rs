@@ -29,8 +29,9 @@ pub fn authenticate(directory: &Directory, headers: &HeaderMap) -> Result<Arc<Ca
     directory.caller(key).ok_or(ApiError::InvalidKey)
 }
 
-/// Proof that the caller is an admin: today the bootstrap `SLUICE_ADMIN_TOKEN`, compared in
-/// constant time. Handlers of `/api/admin/*` take it as an extractor.
+/// Proof that the caller is an admin: the bootstrap `SLUICE_ADMIN_TOKEN` (compared in
+/// constant time), or the session token (JWT) of a user whose role is `admin`. API keys
+/// never carry admin rights. Handlers of `/api/admin/*` take it as an extractor.
 #[derive(Debug, Clone, Copy)]
 pub struct Admin;
 
@@ -51,6 +52,12 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
             .ok_or(ApiError::MissingKey)?;
         match &state.opts.admin_token {
             Some(token) if bool::from(token.as_bytes().ct_eq(presented.as_bytes())) => Ok(Admin),
+            _ if crate::jwt::looks_like_jwt(presented) => {
+                match crate::accounts::resolve(state, presented).await?.role {
+                    crate::accounts::Role::Admin => Ok(Admin),
+                    crate::accounts::Role::User => Err(ApiError::Forbidden),
+                }
+            }
             _ => Err(ApiError::Forbidden),
         }
     }

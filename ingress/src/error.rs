@@ -42,6 +42,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("an internal error occurred")]
     Internal,
+    #[error(transparent)]
+    Account(#[from] crate::accounts::AccountError),
 }
 
 impl ApiError {
@@ -62,6 +64,7 @@ impl ApiError {
                 StatusCode::from_u16(info.status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Account(e) => e.status(),
         }
     }
 
@@ -119,6 +122,7 @@ impl ApiError {
                 None,
             ),
             ApiError::Internal | ApiError::Upstream(_) => (ErrorKind::Internal, None, None, None),
+            ApiError::Account(e) => e.parts(),
         };
         ApiErrorInfo {
             status: self.status().as_u16(),
@@ -135,6 +139,27 @@ impl ApiError {
 pub fn error_response(info: &ApiErrorInfo) -> Response {
     let status = StatusCode::from_u16(info.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, Json(schemas::openai::error_json(info))).into_response();
+    if let Some(secs) = info.retry_after {
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    response
+}
+
+/// The same error in Anthropic's shape (`{"type":"error","error":{"type","message"}}`),
+/// for the `/v1/messages` surface.
+pub fn anthropic_error_response(info: &ApiErrorInfo) -> Response {
+    // Anthropic says "overloaded" with 529, where the OpenAI surface uses 503.
+    let info = &match (info.status, info.kind) {
+        (503, ErrorKind::Overloaded) => ApiErrorInfo {
+            status: 529,
+            ..info.clone()
+        },
+        _ => info.clone(),
+    };
+    let status = StatusCode::from_u16(info.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, Json(schemas::anthropic::error_json(info))).into_response();
     if let Some(secs) = info.retry_after {
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             response.headers_mut().insert(header::RETRY_AFTER, v);

@@ -3,10 +3,13 @@
 //! one JSON body. It never waits for Postgres on the hot path: keys, balances and the
 //! model list are held in memory and refreshed in the background.
 
+pub mod accounts;
 pub mod auth;
 pub mod directory;
 pub mod error;
+pub mod jwt;
 pub mod limits;
+pub mod quota;
 pub mod relay;
 pub mod request_id;
 pub mod routes;
@@ -45,7 +48,7 @@ pub async fn build_state(
 ) -> Result<Arc<AppState>, IngressError> {
     let js = async_nats::jetstream::new(nats.clone());
     projector::bus::ensure_streams(&js, &ns).await?;
-    let directory = Directory::default();
+    let directory = Directory::with_holds(quota::HoldStore::new(redis.clone(), ns.clone()));
     directory
         .refresh(&pool)
         .await
@@ -66,10 +69,24 @@ pub fn router(state: Arc<AppState>) -> Router {
     let max_body = state.opts.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
+        .route("/v1/messages", post(routes::messages::messages))
+        .route("/v1/responses", post(routes::responses::responses))
+        .route("/v1/embeddings", post(routes::responses::embeddings))
+        .route(
+            "/v1/images/generations",
+            post(routes::responses::images),
+        )
+        .route(
+            "/v1/messages/count_tokens",
+            post(routes::messages::count_tokens),
+        )
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{id}", get(routes::models::get))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
+        .route("/api/admin/projections", get(routes::admin_projections::list))
+        .merge(routes::api::router())
+        .merge(routes::admin_channels::router())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))

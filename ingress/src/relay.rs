@@ -15,6 +15,8 @@ pub struct FrameReader {
     sub: Subscriber,
     pending: VecDeque<Frame>,
     last_seq: u64,
+    /// Settled with the terminal frame (quota hold and token counters).
+    hold: Option<crate::quota::Hold>,
 }
 
 #[derive(Debug)]
@@ -31,7 +33,13 @@ impl FrameReader {
             sub,
             pending: VecDeque::new(),
             last_seq: 0,
+            hold: None,
         }
+    }
+
+    /// Settles `hold` when the terminal frame (`Done` or `Error`) is read.
+    pub fn settle_on_end(&mut self, hold: crate::quota::Hold) {
+        self.hold = Some(hold);
     }
 
     /// The next frame in order; frames at or below the last seen `seq` are duplicates and
@@ -41,6 +49,11 @@ impl FrameReader {
             while let Some(frame) = self.pending.pop_front() {
                 if frame.seq > self.last_seq {
                     self.last_seq = frame.seq;
+                    if is_terminal(frame.kind) {
+                        if let Some(hold) = self.hold.take() {
+                            hold.finish(&frame).await;
+                        }
+                    }
                     return Ok(frame);
                 }
             }

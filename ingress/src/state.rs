@@ -19,6 +19,11 @@ pub struct IngressOptions {
     pub refresh_every: Duration,
     /// `SLUICE_ADMIN_TOKEN`: a bearer token with admin rights (bootstrap). Unset = no token admin.
     pub admin_token: Option<String>,
+    /// `SLUICE_SECRET_KEY`: seals provider keys of channels created through the admin API
+    /// and opens them for `POST /api/admin/channels/{id}/test`.
+    pub secret_key: Option<schemas::sealed::SecretKey>,
+    /// `SLUICE_JWT_SECRET`: signs `/api` session tokens (HS256). Unset = sign-in disabled.
+    pub jwt_secret: Option<String>,
 }
 
 impl Default for IngressOptions {
@@ -28,6 +33,8 @@ impl Default for IngressOptions {
             request_timeout: Duration::from_secs(300),
             refresh_every: Duration::from_secs(2),
             admin_token: None,
+            secret_key: None,
+            jwt_secret: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A fake LLM provider for tests and benchmarks.
 //!
-//! It speaks the provider wire formats exactly (OpenAI chat completions today; Anthropic and
-//! Gemini can be added as sibling modules with their own routes), answers with deterministic
+//! It speaks the provider wire formats exactly (OpenAI chat completions, also behind Azure's
+//! deployment URLs; Anthropic Messages; Gemini generateContent), answers with deterministic
 //! text (`"tok0 tok1 ..."`) so tests can predict every byte, and misbehaves on demand through
 //! [`MockConfig`] knobs, server-wide or per request (`"mock": {...}` in the body).
 //!
@@ -20,6 +20,10 @@ use axum::{Json, Router};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod anthropic;
+pub mod azure;
+pub mod embeddings;
+pub mod gemini;
 pub mod knobs;
 pub mod openai;
 pub mod stats;
@@ -90,6 +94,11 @@ impl MockUpstream {
     /// OpenAI-style base URL, including `/v1`: what a channel's `base_url` takes.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// The host root, without `/v1`: what an Anthropic or Gemini channel's `base_url` takes.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// A snapshot of the counters.
@@ -166,6 +175,10 @@ async fn run(
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .merge(openai::routes())
+        .merge(anthropic::routes())
+        .merge(azure::routes())
+        .merge(gemini::routes())
+        .merge(embeddings::routes())
         .route("/_mock/stats", get(get_stats))
         .route("/_mock/config", get(get_config).post(post_config))
         .route("/_mock/reset", post(post_reset))

@@ -55,6 +55,35 @@ struct ChatRequest<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     mock: Option<MockOverrides>,
+    #[serde(borrow, default)]
+    tools: Option<Vec<Tool<'a>>>,
+}
+
+/// An offered tool; the mock calls the first one when the last message is the user's.
+#[derive(Deserialize)]
+struct Tool<'a> {
+    #[serde(borrow)]
+    function: ToolFunction<'a>,
+}
+
+#[derive(Deserialize)]
+struct ToolFunction<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+/// The arguments of every tool call the mock makes.
+pub(crate) const TOOL_ARGUMENTS: &str = r#"{"query":"tok0","n":1}"#;
+
+/// `(call id, tool name)` when the model calls a tool: tools are offered and the last message
+/// is a user turn (not a tool result), as a real model asked to use a tool would.
+fn tool_to_call(req: &ChatRequest<'_>) -> Option<(String, String)> {
+    let tool = req.tools.as_ref()?.first()?;
+    let last = req.messages.as_ref()?.last()?;
+    (last.role.as_deref() == Some("user")).then(|| {
+        let id = format!("call_{}", &uuid::Uuid::now_v7().simple().to_string()[..24]);
+        (id, tool.function.name.to_string())
+    })
 }
 
 #[derive(Deserialize)]
@@ -65,6 +94,8 @@ struct StreamOptions {
 
 #[derive(Deserialize)]
 struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     content: Option<Content<'a>>,
 }
@@ -176,6 +207,8 @@ struct AssistantMessage<'a> {
     content: &'a str,
     refusal: Option<()>,
     annotations: &'static [()],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<serde_json::Value>,
 }
 
 /// OpenAI's error body: `{"error":{"message","type","param","code"}}`.
@@ -282,7 +315,7 @@ fn unix_now() -> u64 {
 }
 
 /// Sleeps `ms` unless the server shuts down first; `false` means "shutting down".
-async fn pause(shutdown: &CancellationToken, ms: u64) -> bool {
+pub(crate) async fn pause(shutdown: &CancellationToken, ms: u64) -> bool {
     if ms == 0 {
         return true;
     }
@@ -295,7 +328,7 @@ async fn pause(shutdown: &CancellationToken, ms: u64) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-async fn chat_completions(
+pub(crate) async fn chat_completions(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
@@ -350,6 +383,12 @@ async fn chat_completions(
         Some(l) if l < u64::from(knobs.chunks) => (l as u32, "length"),
         _ => (knobs.chunks, "stop"),
     };
+    let tool = tool_to_call(&req).filter(|_| finish_reason == "stop");
+    let finish_reason = if tool.is_some() {
+        "tool_calls"
+    } else {
+        finish_reason
+    };
     let usage = knobs
         .usage
         .then(|| Usage::new(prompt_tokens(messages), u64::from(n)));
@@ -366,6 +405,7 @@ async fn chat_completions(
             n,
             finish_reason,
             usage: if include_usage { usage } else { None },
+            tool,
         };
         return stream_response(
             &shared,
@@ -393,6 +433,10 @@ async fn chat_completions(
                 content: &text,
                 refusal: None,
                 annotations: &[],
+                tool_calls: tool.map(|(id, name)| {
+                    serde_json::json!([{"id": id, "type": "function",
+                    "function": {"name": name, "arguments": TOOL_ARGUMENTS}}])
+                }),
             },
             logprobs: None,
             finish_reason,

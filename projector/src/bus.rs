@@ -114,4 +114,5 @@ pub async fn delete_streams(js: &jetstream::Context, ns: &Namespace) {
     for name in [ns.requests_stream(), ns.chunks_stream(), ns.events_stream()] {
         let _ = js.delete_stream(name).await;
     }
+    let _ = js.delete_key_value(ns.channel_health_bucket()).await;
 }

@@ -9,6 +9,8 @@
 //!   and its checkpoint moves in the same transaction, so a crash never double-applies or
 //!   skips. [`catch_up`] folds what is in the log; [`run_live`] then follows the journal's
 //!   notifications. Live projection and replay are the same code.
+//! - [`replay`]: replays into scratch schemas (and in-place rebuilds), and row diffs
+//!   between a live read model and a rebuilt one, for `sluice replay` and `sluice audit`.
 //! - [`requests`]: the `requests` read model (one row per request: outcome, channel,
 //!   latency), run by `sluice projector`.
 //! - [`bus`] and [`db`]: NATS streams and Postgres connections of a namespace.
@@ -20,6 +22,7 @@ pub mod bus;
 pub mod db;
 pub mod journal;
 pub mod log;
+pub mod replay;
 pub mod requests;
 pub mod runtime;
 

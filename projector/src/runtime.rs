@@ -51,6 +51,25 @@ pub trait Projection: Send {
         let _ = conn;
         async { Ok(()) }
     }
+
+    /// Called once per batch, after the last `apply` and before the checkpoint moves, in
+    /// the same transaction: a projection that buffers writes in `apply` (to send a whole
+    /// batch in one statement) writes them here. A projection that buffers must also drop
+    /// its buffer in `init`, which runs again after a rolled-back batch.
+    fn flush<'a>(
+        &'a mut self,
+        tx: &'a mut PgConnection,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'a {
+        let _ = tx;
+        async { Ok(()) }
+    }
+
+    /// The event types `apply` acts on, when it ignores all others: the runner then reads
+    /// only those rows from the log (the checkpoint still moves past the skipped ones).
+    /// `None` reads every event.
+    fn event_types(&self) -> Option<&'static [&'static str]> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +198,23 @@ impl Runner {
         until: Option<i64>,
     ) -> Result<CatchUp, ProjectionError> {
         let mut driver = Driver::new(self, projection);
-        driver.drain(until.unwrap_or(i64::MAX), None).await
+        driver
+            .drain(until.unwrap_or(i64::MAX), None, &mut |_| {})
+            .await
+    }
+
+    /// [`Runner::catch_up`] for replays: `on_batch` sees the checkpoint and the events
+    /// applied after every committed batch (progress), and `stop` ends it between two
+    /// batches, leaving a consistent checkpoint to resume from.
+    pub async fn catch_up_observed<P: Projection>(
+        &self,
+        projection: &mut P,
+        until: i64,
+        stop: &CancellationToken,
+        on_batch: &mut (dyn FnMut(CatchUp) + Send),
+    ) -> Result<CatchUp, ProjectionError> {
+        let mut driver = Driver::new(self, projection);
+        driver.drain(until, Some(stop), on_batch).await
     }
 
     /// Catches up, then follows the log (woken by `LISTEN`, with a poll fallback) until
@@ -194,6 +229,9 @@ impl Runner {
         let mut driver = Driver::new(self, &mut projection);
         let mut listener: Option<PgListener> = None;
         let mut backoff = Backoff::new();
+        let Some(presence) = announce_live(&self.pool, &name, &shutdown).await? else {
+            return Ok(());
+        };
         tracing::info!(projector = %name, "projection started");
         while !shutdown.is_cancelled() {
             // Listen before reading, so a batch appended while we drain still wakes us.
@@ -202,7 +240,7 @@ impl Runner {
                     listener = listen(&self.pool, channel).await;
                 }
             }
-            match driver.drain(i64::MAX, Some(&shutdown)).await {
+            match driver.drain(i64::MAX, Some(&shutdown), &mut |_| {}).await {
                 Ok(done) => {
                     backoff.reset();
                     if done.applied > 0 {
@@ -229,6 +267,10 @@ impl Runner {
                 () = tokio::time::sleep(self.poll_interval) => {}
             }
         }
+        // Closing (rather than dropping) ends the session before we return, so an in-place
+        // replay started right after this projector stops finds the lock free.
+        use sqlx::Connection as _;
+        let _ = presence.close().await;
         tracing::info!(projector = %name, "projection stopped");
         Ok(())
     }
@@ -303,11 +345,16 @@ impl<'r, P: Projection> Driver<'r, P> {
         &mut self,
         until: i64,
         shutdown: Option<&CancellationToken>,
+        on_batch: &mut (dyn FnMut(CatchUp) + Send),
     ) -> Result<CatchUp, ProjectionError> {
         let mut applied = 0;
         loop {
             let step = self.step(until).await?;
             applied += step.applied;
+            on_batch(CatchUp {
+                position: step.position,
+                applied: step.applied,
+            });
             if !step.more || shutdown.is_some_and(CancellationToken::is_cancelled) {
                 return Ok(CatchUp {
                     position: step.position,
@@ -334,15 +381,17 @@ impl<'r, P: Projection> Driver<'r, P> {
         }
         // From here until the commit succeeds the caches may run ahead of the database.
         self.synced = None;
-        let events = log::read_range(
+        let scanned = log::read_range_of_types(
             &mut *tx,
             self.runner.source.as_ref(),
             position,
             until,
             self.runner.batch_size,
+            self.projection.event_types(),
         )
         .await?;
-        let Some(last) = events.last().map(|e| e.position) else {
+        let (events, more) = (scanned.events, scanned.more);
+        if scanned.covered <= position {
             tx.commit().await?;
             self.synced = Some(position);
             return Ok(Step {
@@ -350,7 +399,8 @@ impl<'r, P: Projection> Driver<'r, P> {
                 applied: 0,
                 more: false,
             });
-        };
+        }
+        let last = scanned.covered;
         for event in &events {
             if let Err(err) = self.projection.apply(&mut tx, event).await {
                 tracing::warn!(
@@ -362,6 +412,10 @@ impl<'r, P: Projection> Driver<'r, P> {
                 );
                 return Err(err);
             }
+        }
+        if let Err(err) = self.projection.flush(&mut tx).await {
+            tracing::warn!(projector = %self.name, position = last, error = %err, "flush failed; rolling the batch back");
+            return Err(err);
         }
         sqlx::query(
             "UPDATE checkpoints SET position = $2, updated_at = now() WHERE projector = $1",
@@ -376,7 +430,7 @@ impl<'r, P: Projection> Driver<'r, P> {
         Ok(Step {
             position: last,
             applied,
-            more: i64::try_from(applied).unwrap_or(i64::MAX) >= self.runner.batch_size,
+            more,
         })
     }
 }
@@ -402,6 +456,44 @@ async fn lock_checkpoint(conn: &mut PgConnection, projector: &str) -> Result<i64
         .bind(projector)
         .fetch_one(&mut *conn)
         .await
+}
+
+/// The advisory-lock key under which live instances of `projector` announce themselves
+/// in the connection's schema. Live instances hold it shared (several may run; the
+/// checkpoint row lock serializes them); an in-place replay takes it exclusively, so it
+/// can tell that no live instance runs and none starts until it is done.
+pub const LIVE_LOCK_SQL_KEY: &str = "hashtext(COALESCE(current_schema(), '') || '.projector.' || $1)";
+
+/// Holds the shared "live instance" lock of `projector` on a connection of its own (not
+/// the pool's: a session lock must die with its holder, not linger in an idle pooled
+/// connection) for as long as the returned connection lives. Waits, without blocking
+/// shutdown, while an in-place replay holds it exclusively; `None` if `shutdown` fired.
+async fn announce_live(
+    pool: &PgPool,
+    projector: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<PgConnection>, ProjectionError> {
+    use sqlx::Connection as _;
+    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    let sql = format!("SELECT pg_try_advisory_lock_shared({LIVE_LOCK_SQL_KEY})");
+    let mut waiting = false;
+    loop {
+        let locked: bool = sqlx::query_scalar(&sql)
+            .bind(projector)
+            .fetch_one(&mut conn)
+            .await?;
+        if locked {
+            return Ok(Some(conn));
+        }
+        if !waiting {
+            tracing::info!(projector, "an in-place replay is rebuilding this projection; waiting for it");
+            waiting = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 async fn listen(pool: &PgPool, channel: &str) -> Option<PgListener> {

@@ -36,8 +36,13 @@ impl Channel {
     /// Whether this channel lists `model` and admits callers of `group`. Whether it is
     /// enabled is a separate question ([`Channel::enabled`]), answered by the policy.
     pub fn serves(&self, model: &str, group: &str) -> bool {
-        self.models.iter().any(|m| m == model)
-            && (self.groups.is_empty() || self.groups.iter().any(|g| g == group))
+        self.models.iter().any(|m| m == model) && self.admits(group)
+    }
+
+    /// Whether callers of `group` may use this channel.
+    #[inline]
+    pub fn admits(&self, group: &str) -> bool {
+        self.groups.is_empty() || self.groups.iter().any(|g| g == group)
     }
 
     /// The name to send upstream for the client's `model`.

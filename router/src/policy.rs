@@ -1,85 +1,240 @@
 //! The selection policy: which channels a request tries, in which order.
 //!
-//! [`plan`] is the one entry point the workers call, so later rules (bans after repeated
-//! failures, least load, health scores) change this file and nothing else.
+//! [`plan`] is the one entry point the workers call. It reads health (bans, in-flight
+//! counts) but never changes it; recording outcomes is the caller's job through
+//! [`crate::Health`].
 
 use std::sync::Arc;
 
 use rand::Rng;
 
 use crate::channel::Channel;
+use crate::health::{Availability, Health};
+use crate::set::Snapshot;
+
+/// What is being routed.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    /// The model name the client asked for.
+    pub model: &'a str,
+    /// The caller's key group.
+    pub group: &'a str,
+}
+
+/// Limits of one request's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Attempts in total, over all channels and retries. With a deadline (enforced by the
+    /// worker) this bounds what one request can cost the upstreams when everything fails.
+    pub max_attempts: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { max_attempts: 6 }
+    }
+}
 
 /// One try of a request on one channel.
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub channel: Arc<Channel>,
+    /// Where the outcome is recorded (bans, in-flight count).
+    pub health: Arc<Health>,
     /// The model name this channel is called with (after its `model_map`).
     pub upstream_model: String,
+    /// The channel's ban ran out and this attempt would be its half-open probe: the
+    /// worker must claim the probe before calling, and skip the attempt if it cannot.
+    pub probe: bool,
 }
 
-/// The ordered attempts for a request of `model` by a caller in `group`. Empty when no
-/// channel can serve it (the worker answers 503 "no channel available").
+/// The ordered attempts of a request.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub attempts: Vec<Attempt>,
+    /// Earliest end of a ban among candidates left out because they are banned (Unix
+    /// ms). When `attempts` is empty and this is set, the model has channels, they are
+    /// just all banned for now: the caller can say when to come back.
+    pub banned_until_ms: Option<u64>,
+}
+
+/// A candidate within one tier.
+#[derive(Clone, Copy)]
+struct Candidate {
+    index: usize,
+    weight: u64,
+    load: u64,
+    probe: bool,
+}
+
+/// The ordered attempts for `route`, at most `policy.max_attempts` long.
 ///
 /// Steps:
-/// 1. Candidates are the enabled channels that list `model` and admit `group`.
-/// 2. They are ordered by priority tier, lowest `priority` first, so a tier is only tried
-///    once every channel of the tiers before it failed.
-/// 3. Within a tier the order is a weighted random permutation: each channel draws an
-///    exponential clock `-ln(u) / weight` and the earliest goes first. A channel is first
-///    with probability `weight / sum(weights of the tier)`, the same for every later place
-///    among the remaining channels, which spreads load by weight and still puts every
-///    channel of the tier in the list for failover. A weight of 0 counts as 1 (the table
-///    forbids it; a hand-built channel should not vanish from the plan).
+/// 1. Candidates are the enabled channels that list the model (the snapshot's index) and
+///    admit the caller's group, minus banned ones and half-open ones whose probe another
+///    request holds.
+/// 2. Tiers go lowest `priority` first, so a tier is only tried once every channel of the
+///    tiers before it failed.
+/// 3. Within a tier, power of two choices: two distinct channels are drawn with
+///    probability proportional to weight, and the one with fewer calls in flight per unit
+///    of weight goes next (a tie keeps the first draw). Idle channels therefore split
+///    first picks by weight exactly, and a channel that is slow or saturated (calls pile
+///    up) is passed over in proportion. A weight of 0 counts as 1 (the table forbids it;
+///    a hand-built channel should not vanish).
 /// 4. Each channel appears `retry` times in a row (at least once), so a flaky channel is
-///    retried before the next one is tried.
+///    retried before the next is tried; a probe appears once.
 pub fn plan(
-    channels: &[Arc<Channel>],
-    model: &str,
-    group: &str,
+    snapshot: &Snapshot,
+    route: Route<'_>,
+    policy: &Policy,
+    now_ms: u64,
     rng: &mut impl Rng,
-) -> Vec<Attempt> {
-    let mut ranked: Vec<(i32, f64, &Arc<Channel>)> = channels
-        .iter()
-        .filter(|c| c.enabled && c.serves(model, group))
-        .map(|c| (c.priority, exponential_clock(rng, c.weight), c))
-        .collect();
-    ranked.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
-
-    let total: usize = ranked.iter().map(|(_, _, c)| c.retry.max(1) as usize).sum();
-    let mut attempts = Vec::with_capacity(total);
-    for (_, _, channel) in ranked {
-        let upstream_model = channel.upstream_model(model).to_owned();
-        for _ in 0..channel.retry.max(1) {
-            attempts.push(Attempt {
-                channel: Arc::clone(channel),
-                upstream_model: upstream_model.clone(),
+) -> Plan {
+    let budget = policy.max_attempts.max(1) as usize;
+    let mut out = Plan {
+        attempts: Vec::with_capacity(budget),
+        banned_until_ms: None,
+    };
+    let tiers = snapshot.tiers(route.model);
+    let widest = tiers.iter().map(|t| t.members.len()).max().unwrap_or(0);
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(widest);
+    for tier in tiers {
+        if out.attempts.len() >= budget {
+            break;
+        }
+        candidates.clear();
+        for &index in &tier.members {
+            let channel = snapshot.channel(index);
+            if !channel.admits(route.group) {
+                continue;
+            }
+            let health = snapshot.health(index);
+            let probe = match health.availability(now_ms) {
+                Availability::Closed => false,
+                Availability::HalfOpen { probe_free: true } => true,
+                Availability::HalfOpen { probe_free: false } => {
+                    let until = health.probe_until_ms();
+                    out.banned_until_ms = Some(out.banned_until_ms.map_or(until, |u| u.min(until)));
+                    continue;
+                }
+                Availability::Banned(until) => {
+                    out.banned_until_ms = Some(out.banned_until_ms.map_or(until, |u| u.min(until)));
+                    continue;
+                }
+            };
+            candidates.push(Candidate {
+                index,
+                weight: u64::from(channel.weight.max(1)),
+                load: u64::from(health.load()),
+                probe,
             });
         }
+        let mut total: u64 = candidates.iter().map(|c| c.weight).sum();
+        while !candidates.is_empty() && out.attempts.len() < budget {
+            let picked = pick(&mut candidates, total, rng);
+            total -= picked.weight;
+            let channel = snapshot.channel(picked.index);
+            let repeats = if picked.probe {
+                1
+            } else {
+                channel.retry.max(1) as usize
+            };
+            let upstream_model = channel.upstream_model(route.model);
+            for _ in 0..repeats.min(budget - out.attempts.len()) {
+                out.attempts.push(Attempt {
+                    channel: Arc::clone(channel),
+                    health: Arc::clone(snapshot.health(picked.index)),
+                    upstream_model: upstream_model.to_owned(),
+                    probe: picked.probe,
+                });
+            }
+        }
     }
-    attempts
+    out
 }
 
-/// The time an exponential clock of rate `weight` rings: the minimum of such clocks is the
-/// one of rate `w` with probability `w / sum(w)` (Efraimidis–Spirakis sampling).
-fn exponential_clock(rng: &mut impl Rng, weight: u32) -> f64 {
-    // `random` is in [0, 1); 1 - u is in (0, 1], so the logarithm is finite.
-    let u: f64 = 1.0 - rng.random::<f64>();
-    -u.ln() / f64::from(weight.max(1))
+/// Removes and returns the next channel of a tier (step 3 of [`plan`]). `total` is the
+/// sum of the candidates' weights.
+fn pick(candidates: &mut Vec<Candidate>, total: u64, rng: &mut impl Rng) -> Candidate {
+    if candidates.len() == 1 {
+        return candidates.swap_remove(0);
+    }
+    let first = draw(candidates, total, None, rng);
+    let second = draw(
+        candidates,
+        total - candidates[first].weight,
+        Some(first),
+        rng,
+    );
+    let (a, b) = (candidates[first], candidates[second]);
+    // b.load / b.weight < a.load / a.weight, without division.
+    let chosen =
+        if u128::from(b.load) * u128::from(a.weight) < u128::from(a.load) * u128::from(b.weight) {
+            second
+        } else {
+            first
+        };
+    candidates.swap_remove(chosen)
+}
+
+/// A candidate drawn with probability weight / `total`, never `skip`.
+fn draw(candidates: &[Candidate], total: u64, skip: Option<usize>, rng: &mut impl Rng) -> usize {
+    let mut ticket = rng.random_range(0..total.max(1));
+    let mut last = 0;
+    for (i, c) in candidates.iter().enumerate() {
+        if Some(i) == skip {
+            continue;
+        }
+        if ticket < c.weight {
+            return i;
+        }
+        ticket -= c.weight;
+        last = i;
+    }
+    // Only reached if `total` overstated the weights; the last eligible one is as good.
+    last
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::channel::tests::channel;
+    use crate::health::{BreakerConfig, HealthBook};
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+    use schemas::work::ErrorKind;
 
-    fn arc(c: Channel) -> Arc<Channel> {
-        Arc::new(c)
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn snap(channels: Vec<Channel>) -> Snapshot {
+        Snapshot::build(
+            channels.into_iter().map(Arc::new).collect(),
+            &HealthBook::default(),
+        )
     }
 
-    fn names(attempts: &[Attempt]) -> Vec<&str> {
-        attempts.iter().map(|a| a.channel.name.as_str()).collect()
+    fn route<'a>(model: &'a str, group: &'a str) -> Route<'a> {
+        Route { model, group }
+    }
+
+    fn names(p: &Plan) -> Vec<&str> {
+        p.attempts.iter().map(|a| a.channel.name.as_str()).collect()
+    }
+
+    fn go(s: &Snapshot, model: &str, group: &str, rng: &mut StdRng) -> Plan {
+        plan(s, route(model, group), &Policy::default(), NOW, rng)
+    }
+
+    fn ban(s: &Snapshot, name: &str, now: u64) {
+        let i = s.channels().iter().position(|c| c.name == name).unwrap();
+        let cfg = BreakerConfig {
+            failure_threshold: 1,
+            ..BreakerConfig::default()
+        };
+        s.health(i)
+            .record_failure(ErrorKind::Upstream5xx, None, now, &cfg)
+            .unwrap();
     }
 
     #[test]
@@ -91,26 +246,26 @@ mod tests {
         b.priority = 1;
         let mut c = channel("c", &["m"]);
         c.priority = 3;
-        let set = [arc(a), arc(b), arc(c)];
+        let s = snap(vec![a, b, c]);
         for _ in 0..50 {
-            assert_eq!(names(&plan(&set, "m", "g", &mut rng)), ["b", "a", "c"]);
+            assert_eq!(names(&go(&s, "m", "g", &mut rng)), ["b", "a", "c"]);
         }
     }
 
     #[test]
-    fn weights_split_first_picks() {
+    fn weights_split_first_picks_three_to_one() {
         let mut rng = StdRng::seed_from_u64(42);
         let mut heavy = channel("heavy", &["m"]);
         heavy.weight = 3;
         let light = channel("light", &["m"]);
-        let set = [arc(heavy), arc(light)];
+        let s = snap(vec![heavy, light]);
         let runs = 2_000;
         let mut heavy_first = 0;
         for _ in 0..runs {
-            let p = plan(&set, "m", "g", &mut rng);
+            let p = go(&s, "m", "g", &mut rng);
             // Both channels are always in the plan, for failover.
-            assert_eq!(p.len(), 2);
-            if p[0].channel.name == "heavy" {
+            assert_eq!(p.attempts.len(), 2);
+            if p.attempts[0].channel.name == "heavy" {
                 heavy_first += 1;
             }
         }
@@ -122,14 +277,59 @@ mod tests {
     }
 
     #[test]
+    fn weights_split_among_many_channels() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut chans = Vec::new();
+        for (name, w) in [("w1", 1), ("w2", 2), ("w3", 3), ("w4", 4)] {
+            let mut c = channel(name, &["m"]);
+            c.weight = w;
+            chans.push(c);
+        }
+        let s = snap(chans);
+        let mut firsts = std::collections::HashMap::new();
+        let runs = 20_000;
+        for _ in 0..runs {
+            *firsts
+                .entry(go(&s, "m", "g", &mut rng).attempts[0].channel.name.clone())
+                .or_insert(0u32) += 1;
+        }
+        for (name, w) in [("w1", 1.0), ("w2", 2.0), ("w3", 3.0), ("w4", 4.0)] {
+            let share = f64::from(firsts[name]) / f64::from(runs);
+            assert!((share - w / 10.0).abs() < 0.02, "{name}: {share:.3}");
+        }
+    }
+
+    #[test]
+    fn the_less_loaded_channel_goes_first() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let s = snap(vec![channel("busy", &["m"]), channel("idle", &["m"])]);
+        let busy = Arc::clone(s.health(0));
+        let _calls: Vec<_> = (0..4).map(|_| busy.start()).collect();
+        for _ in 0..200 {
+            assert_eq!(names(&go(&s, "m", "g", &mut rng)), ["idle", "busy"]);
+        }
+        // Load is per unit of weight: 4 calls on weight 8 beat 1 call on weight 1.
+        let mut big = channel("big", &["m"]);
+        big.weight = 8;
+        let s = snap(vec![big, channel("small", &["m"])]);
+        let _big_calls: Vec<_> = (0..4).map(|_| s.health(0).start()).collect();
+        let _small_call = s.health(1).start();
+        for _ in 0..200 {
+            assert_eq!(go(&s, "m", "g", &mut rng).attempts[0].channel.name, "big");
+        }
+        // Other workers' calls count too.
+        s.health(0).set_remote_in_flight(100);
+        assert_eq!(go(&s, "m", "g", &mut rng).attempts[0].channel.name, "small");
+    }
+
+    #[test]
     fn groups_filter_channels() {
         let mut rng = StdRng::seed_from_u64(7);
         let mut vip = channel("vip", &["m"]);
         vip.groups = vec!["vip".to_owned()];
-        let open = channel("open", &["m"]);
-        let set = [arc(vip), arc(open)];
-        assert_eq!(names(&plan(&set, "m", "default", &mut rng)), ["open"]);
-        let vip_plan = plan(&set, "m", "vip", &mut rng);
+        let s = snap(vec![vip, channel("open", &["m"])]);
+        assert_eq!(names(&go(&s, "m", "default", &mut rng)), ["open"]);
+        let vip_plan = go(&s, "m", "vip", &mut rng);
         let mut both = names(&vip_plan);
         both.sort_unstable();
         assert_eq!(both, ["open", "vip"]);
@@ -143,16 +343,18 @@ mod tests {
             "gpt-4o-mini".to_owned(),
             "gpt-4o-mini-2024-07-18".to_owned(),
         );
-        let set = [arc(c)];
+        let s = snap(vec![c]);
         assert_eq!(
-            plan(&set, "gpt-4o-mini", "g", &mut rng)[0].upstream_model,
+            go(&s, "gpt-4o-mini", "g", &mut rng).attempts[0].upstream_model,
             "gpt-4o-mini-2024-07-18"
         );
         assert_eq!(
-            plan(&set, "gpt-4o", "g", &mut rng)[0].upstream_model,
+            go(&s, "gpt-4o", "g", &mut rng).attempts[0].upstream_model,
             "gpt-4o"
         );
-        assert!(plan(&set, "gpt-5", "g", &mut rng).is_empty());
+        let none = go(&s, "gpt-5", "g", &mut rng);
+        assert!(none.attempts.is_empty());
+        assert_eq!(none.banned_until_ms, None);
     }
 
     #[test]
@@ -161,12 +363,9 @@ mod tests {
         let mut off = channel("off", &["m"]);
         off.enabled = false;
         off.priority = -1;
-        let on = channel("on", &["m"]);
-        assert_eq!(
-            names(&plan(&[arc(off.clone()), arc(on)], "m", "g", &mut rng)),
-            ["on"]
-        );
-        assert!(plan(&[arc(off)], "m", "g", &mut rng).is_empty());
+        let s = snap(vec![off.clone(), channel("on", &["m"])]);
+        assert_eq!(names(&go(&s, "m", "g", &mut rng)), ["on"]);
+        assert!(go(&snap(vec![off]), "m", "g", &mut rng).attempts.is_empty());
     }
 
     #[test]
@@ -180,10 +379,81 @@ mod tests {
         let mut zero = channel("zero", &["m"]);
         zero.priority = 2;
         zero.retry = 0;
-        let set = [arc(b), arc(a), arc(zero)];
+        let s = snap(vec![b, a, zero]);
         assert_eq!(
-            names(&plan(&set, "m", "g", &mut rng)),
+            names(&go(&s, "m", "g", &mut rng)),
             ["a", "a", "a", "b", "b", "zero"]
         );
+    }
+
+    #[test]
+    fn the_attempt_budget_caps_the_plan() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut chans = Vec::new();
+        for i in 0..10 {
+            let mut c = channel(&format!("c{i}"), &["m"]);
+            c.priority = i;
+            c.retry = 3;
+            chans.push(c);
+        }
+        let s = snap(chans);
+        let p = plan(
+            &s,
+            route("m", "g"),
+            &Policy { max_attempts: 4 },
+            NOW,
+            &mut rng,
+        );
+        assert_eq!(names(&p), ["c0", "c0", "c0", "c1"]);
+        let p = plan(
+            &s,
+            route("m", "g"),
+            &Policy { max_attempts: 0 },
+            NOW,
+            &mut rng,
+        );
+        assert_eq!(names(&p), ["c0"], "a budget of 0 still allows one attempt");
+    }
+
+    #[test]
+    fn a_banned_channel_gets_no_traffic_until_its_probe() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut primary = channel("primary", &["m"]);
+        primary.retry = 2;
+        let mut backup = channel("backup", &["m"]);
+        backup.priority = 1;
+        let s = snap(vec![primary, backup]);
+        ban(&s, "primary", NOW);
+        let until = NOW + 60_000;
+        for t in [NOW, NOW + 1, until - 1] {
+            let p = plan(&s, route("m", "g"), &Policy::default(), t, &mut rng);
+            assert_eq!(names(&p), ["backup"]);
+            assert_eq!(p.banned_until_ms, Some(until));
+        }
+        // The ban ran out: the primary is probed, once, before the backup.
+        let p = plan(&s, route("m", "g"), &Policy::default(), until, &mut rng);
+        assert_eq!(names(&p), ["primary", "backup"]);
+        assert!(p.attempts[0].probe);
+        let cfg = BreakerConfig::default();
+        assert!(p.attempts[0].health.try_claim_probe(until, &cfg));
+        // While the probe runs, other requests go to the backup.
+        let p = plan(&s, route("m", "g"), &Policy::default(), until + 1, &mut rng);
+        assert_eq!(names(&p), ["backup"]);
+        // The probe answered: the primary is back with its retries.
+        assert!(s.health(0).record_success(until + 1));
+        let p = plan(&s, route("m", "g"), &Policy::default(), until + 2, &mut rng);
+        assert_eq!(names(&p), ["primary", "primary", "backup"]);
+        assert!(!p.attempts[0].probe);
+    }
+
+    #[test]
+    fn when_every_channel_is_banned_the_plan_says_until_when() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let s = snap(vec![channel("a", &["m"]), channel("b", &["m"])]);
+        ban(&s, "a", NOW);
+        ban(&s, "b", NOW + 5_000);
+        let p = go(&s, "m", "g", &mut rng);
+        assert!(p.attempts.is_empty());
+        assert_eq!(p.banned_until_ms, Some(NOW + 60_000));
     }
 }

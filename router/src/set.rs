@@ -1,31 +1,109 @@
 //! The channels the workers route over, as one snapshot swapped atomically.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use crate::channel::Channel;
+use crate::health::{Health, HealthBook};
+
+/// Enabled channels of one priority that serve one model, as indexes into the snapshot.
+#[derive(Debug)]
+pub(crate) struct Tier {
+    pub(crate) members: Vec<usize>,
+}
+
+/// Every channel of one configuration, with its health cell and an index from client
+/// model name to priority tiers, built once per configuration change so a pick never
+/// scans channels that do not serve the model.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    channels: Vec<Arc<Channel>>,
+    health: Vec<Arc<Health>>,
+    /// Tiers lowest priority first.
+    by_model: HashMap<String, Vec<Tier>>,
+}
+
+impl Snapshot {
+    /// Indexes `channels`, taking each one's health cell from `book` (created on first
+    /// sight, kept across snapshots).
+    pub fn build(channels: Vec<Arc<Channel>>, book: &HealthBook) -> Self {
+        let health = channels.iter().map(|c| book.cell(c.id)).collect();
+        let mut by_priority: HashMap<&str, Vec<(i32, usize)>> = HashMap::new();
+        for (i, c) in channels.iter().enumerate().filter(|(_, c)| c.enabled) {
+            for model in &c.models {
+                by_priority.entry(model).or_default().push((c.priority, i));
+            }
+        }
+        let by_model = by_priority
+            .into_iter()
+            .map(|(model, mut members)| {
+                members.sort_unstable();
+                let mut tiers: Vec<(i32, Tier)> = Vec::new();
+                for (priority, i) in members {
+                    match tiers.last_mut() {
+                        Some((p, tier)) if *p == priority => tier.members.push(i),
+                        _ => tiers.push((priority, Tier { members: vec![i] })),
+                    }
+                }
+                (
+                    model.to_owned(),
+                    tiers.into_iter().map(|(_, t)| t).collect(),
+                )
+            })
+            .collect();
+        Self {
+            channels,
+            health,
+            by_model,
+        }
+    }
+
+    pub fn channels(&self) -> &[Arc<Channel>] {
+        &self.channels
+    }
+
+    pub(crate) fn tiers(&self, model: &str) -> &[Tier] {
+        self.by_model.get(model).map_or(&[], Vec::as_slice)
+    }
+
+    pub(crate) fn channel(&self, i: usize) -> &Arc<Channel> {
+        &self.channels[i]
+    }
+
+    pub(crate) fn health(&self, i: usize) -> &Arc<Health> {
+        &self.health[i]
+    }
+}
 
 /// A snapshot of every channel, shared by all requests of a worker. Readers clone the
 /// inner `Arc` (one atomic increment under a read lock held for no more than that) and
-/// plan over it without holding any lock; a refresh builds a whole new list and swaps it
-/// in, so a request never sees a half-updated configuration.
+/// plan over it without holding any lock; a refresh builds a whole new snapshot and swaps
+/// it in, so a request never sees a half-updated configuration. Health lives in the
+/// [`HealthBook`], outside the snapshots, so a refresh keeps bans and load counts.
 ///
 /// `arc-swap` would make the read lock-free, but it is not a workspace dependency and a
 /// read lock held for one `Arc::clone` is not contended in practice.
 #[derive(Clone, Default)]
 pub struct ChannelSet {
-    inner: Arc<RwLock<Arc<Vec<Arc<Channel>>>>>,
+    inner: Arc<RwLock<Arc<Snapshot>>>,
+    book: HealthBook,
 }
 
 impl ChannelSet {
     pub fn new(channels: Vec<Arc<Channel>>) -> Self {
+        Self::with_book(channels, HealthBook::default())
+    }
+
+    pub fn with_book(channels: Vec<Arc<Channel>>, book: HealthBook) -> Self {
+        let snapshot = Snapshot::build(channels, &book);
         Self {
-            inner: Arc::new(RwLock::new(Arc::new(channels))),
+            inner: Arc::new(RwLock::new(Arc::new(snapshot))),
+            book,
         }
     }
 
     /// The current channels. Cheap; hold it for the duration of one request.
-    pub fn snapshot(&self) -> Arc<Vec<Arc<Channel>>> {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
         // A poisoned lock only means a writer panicked between two whole swaps; the
         // value inside is still a complete snapshot.
         self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -33,7 +111,13 @@ impl ChannelSet {
 
     /// Replaces every channel at once; requests already planned keep the old snapshot.
     pub fn replace(&self, channels: Vec<Arc<Channel>>) {
-        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(channels);
+        let snapshot = Arc::new(Snapshot::build(channels, &self.book));
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+    }
+
+    /// The health cells, shared with whatever keeps them in sync across workers.
+    pub fn book(&self) -> &HealthBook {
+        &self.book
     }
 
     /// The model names served by at least one enabled channel, sorted and deduplicated
@@ -41,6 +125,7 @@ impl ChannelSet {
     pub fn models(&self) -> Vec<String> {
         let snapshot = self.snapshot();
         let names: BTreeSet<&str> = snapshot
+            .channels
             .iter()
             .filter(|c| c.enabled)
             .flat_map(|c| c.models.iter().map(String::as_str))
@@ -52,15 +137,17 @@ impl ChannelSet {
 impl std::fmt::Debug for ChannelSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChannelSet")
-            .field("channels", &self.snapshot().len())
+            .field("channels", &self.snapshot().channels.len())
             .finish()
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::channel::tests::channel;
+    use schemas::work::ErrorKind;
 
     #[test]
     fn models_lists_enabled_channels_and_swaps_whole() {
@@ -76,6 +163,50 @@ mod tests {
         set.replace(vec![Arc::new(channel("c", &["m3"]))]);
         assert_eq!(set.models(), ["m3"]);
         // A snapshot taken before the swap is unaffected.
-        assert_eq!(before.len(), 3);
+        assert_eq!(before.channels().len(), 3);
+    }
+
+    #[test]
+    fn index_groups_enabled_channels_by_model_and_tier() {
+        let mut a = channel("a", &["m"]);
+        a.priority = 2;
+        let mut b = channel("b", &["m", "n"]);
+        b.priority = 1;
+        let mut c = channel("c", &["m"]);
+        c.priority = 2;
+        let mut off = channel("off", &["m"]);
+        off.enabled = false;
+        let snap = Snapshot::build(
+            vec![Arc::new(a), Arc::new(b), Arc::new(c), Arc::new(off)],
+            &HealthBook::default(),
+        );
+        let tiers: Vec<Vec<&str>> = snap
+            .tiers("m")
+            .iter()
+            .map(|t| {
+                t.members
+                    .iter()
+                    .map(|&i| snap.channel(i).name.as_str())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(tiers, [vec!["b"], vec!["a", "c"]]);
+        assert_eq!(snap.tiers("n").len(), 1);
+        assert!(snap.tiers("nope").is_empty());
+    }
+
+    #[test]
+    fn a_refresh_keeps_bans() {
+        let a = Arc::new(channel("a", &["m"]));
+        let set = ChannelSet::new(vec![Arc::clone(&a)]);
+        let cfg = crate::BreakerConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        };
+        set.snapshot()
+            .health(0)
+            .record_failure(ErrorKind::Upstream5xx, None, 1, &cfg);
+        set.replace(vec![Arc::clone(&a)]);
+        assert_ne!(set.snapshot().health(0).banned_until_ms(), 0);
     }
 }

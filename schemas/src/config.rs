@@ -39,6 +39,21 @@ pub struct FileConfig {
     pub prices: Vec<PriceConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Failover and circuit-breaker tuning of the workers.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+/// `routing:` in `sluice.yaml`; every field optional (the workers' defaults apply).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Seconds a channel stays banned when the provider did not say how long (default 60).
+    pub ban_secs: Option<u64>,
+    /// Consecutive failures of a channel that ban it (default 3).
+    pub failure_threshold: Option<u32>,
+    /// Attempts per request over all channels and retries (default 6).
+    pub max_attempts: Option<u32>,
 }
 
 /// One upstream channel: a provider account (or a mock) serving some models.

@@ -1,6 +1,6 @@
 //! The event envelope and the domain events. Events are facts in the past tense; a
 //! stored event must deserialize forever, so each type is explicitly named and a new
-//! shape is a new `schema_version` with an upcaster in [`upcast`].
+//! shape is a new `schema_version` with an upcaster in [`crate::upcast`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -63,15 +63,22 @@ pub enum Event {
     PriceSet(PriceSet),
     CreditGranted(CreditGranted),
     KeyCreated(KeyCreated),
+    KeyUpdated(KeyUpdated),
+    KeyRevoked(KeyRevoked),
+    UserRegistered(UserRegistered),
+    UserUpdated(UserUpdated),
     ChannelConfigured(ChannelConfigured),
+    ChannelBanned(ChannelBanned),
+    ChannelDeleted(ChannelDeleted),
 }
 
 /// The current schema version of each event type. Bump it together with an upcaster.
 pub fn current_version(event_type: &str) -> Option<u16> {
     match event_type {
         "RequestAccepted" | "AttemptStarted" | "AttemptFailed" | "RequestFailed"
-        | "RequestCancelled" | "PriceSet" | "CreditGranted" | "KeyCreated"
-        | "ChannelConfigured" => Some(1),
+        | "RequestCancelled" | "PriceSet" | "CreditGranted" | "KeyCreated" | "KeyUpdated"
+        | "KeyRevoked" | "UserRegistered" | "UserUpdated" | "ChannelConfigured"
+        | "ChannelBanned" | "ChannelDeleted" => Some(1),
         "CompletionFinished" => Some(1),
         _ => None,
     }
@@ -89,7 +96,13 @@ impl Event {
             Event::PriceSet(_) => "PriceSet",
             Event::CreditGranted(_) => "CreditGranted",
             Event::KeyCreated(_) => "KeyCreated",
+            Event::KeyUpdated(_) => "KeyUpdated",
+            Event::KeyRevoked(_) => "KeyRevoked",
+            Event::UserRegistered(_) => "UserRegistered",
+            Event::UserUpdated(_) => "UserUpdated",
             Event::ChannelConfigured(_) => "ChannelConfigured",
+            Event::ChannelBanned(_) => "ChannelBanned",
+            Event::ChannelDeleted(_) => "ChannelDeleted",
         }
     }
 
@@ -105,7 +118,13 @@ impl Event {
             Event::PriceSet(e) => format!("price-{}", e.model),
             Event::CreditGranted(e) => format!("account-{}", e.key_id.simple()),
             Event::KeyCreated(e) => format!("account-{}", e.key_id.simple()),
+            Event::KeyUpdated(e) => format!("account-{}", e.key_id.simple()),
+            Event::KeyRevoked(e) => format!("account-{}", e.key_id.simple()),
+            Event::UserRegistered(e) => format!("user-{}", e.user_id.simple()),
+            Event::UserUpdated(e) => format!("user-{}", e.user_id.simple()),
             Event::ChannelConfigured(e) => format!("config-{}", e.channel_id.simple()),
+            Event::ChannelBanned(e) => format!("channel-{}", e.channel_id.simple()),
+            Event::ChannelDeleted(e) => format!("config-{}", e.channel_id.simple()),
         }
     }
 
@@ -143,7 +162,13 @@ impl Envelope {
                 version: self.schema_version,
             });
         }
-        let data = upcast(&self.event_type, self.schema_version, self.data.clone());
+        let data = crate::upcast::upcast_with(
+            crate::upcast::UPCASTERS,
+            &self.event_type,
+            self.schema_version,
+            current,
+            self.data.clone(),
+        );
         let tagged = serde_json::json!({ "type": self.event_type, "data": data });
         serde_json::from_value(tagged).map_err(|source| EventError::Malformed {
             event_type: self.event_type.clone(),
@@ -157,12 +182,6 @@ impl Envelope {
             .strip_prefix("request-")
             .and_then(|id| Uuid::parse_str(id).ok())
     }
-}
-
-/// Upgrades stored data of an older `schema_version` to the current shape, one step at a
-/// time. No event type has a second version yet; this is where the first one will go.
-fn upcast(_event_type: &str, _version: u16, data: serde_json::Value) -> serde_json::Value {
-    data
 }
 
 pub fn request_stream(id: &Uuid) -> String {
@@ -285,6 +304,45 @@ pub struct KeyCreated {
     pub source: String,
 }
 
+/// Audit: a key's settings changed; `changes` names each changed field with its new value
+/// (never a secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyUpdated {
+    pub key_id: Uuid,
+    pub changes: serde_json::Value,
+    /// Who changed it: a user id, or none for the admin token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Uuid>,
+}
+
+/// Audit: a key was revoked and stops authenticating.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRevoked {
+    pub key_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Uuid>,
+}
+
+/// Audit: a user account was created (its password hash never appears in an event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRegistered {
+    pub user_id: Uuid,
+    pub name: String,
+    pub role: String,
+    /// `register`, `admin` (created by an admin) or `cli`.
+    pub source: String,
+}
+
+/// Audit: a user's role, group, limits, status or password changed; `changes` names each
+/// field with its new value (a password only as `"changed"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserUpdated {
+    pub user_id: Uuid,
+    pub changes: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Uuid>,
+}
+
 /// Audit: a channel was created or changed (secrets never appear in an event).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelConfigured {
@@ -294,6 +352,33 @@ pub struct ChannelConfigured {
     pub models: Vec<String>,
     pub enabled: bool,
     pub source: String,
+}
+
+/// Audit: a channel was deleted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelDeleted {
+    pub channel_id: Uuid,
+    pub name: String,
+    pub source: String,
+}
+
+/// A worker's circuit breaker took a channel out of routing until `until` (every worker
+/// honours it through the shared health bucket); a probe follows when it runs out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelBanned {
+    pub channel_id: Uuid,
+    pub channel_name: String,
+    pub until: DateTime<Utc>,
+    /// The failure that tipped it.
+    pub kind: ErrorKind,
+    /// Failures in a row that led to the ban (1 for a `Retry-After` or a failed probe).
+    pub failures: u32,
+    /// Seconds the provider asked for, when the ban honours a `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// The request whose attempt failed last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<Uuid>,
 }
 
 #[cfg(test)]

@@ -5,12 +5,14 @@
 //! This crate does no I/O, so every other crate can depend on it and tests can
 //! construct any message without a server.
 
+pub mod anthropic;
 pub mod config;
 pub mod events;
 pub mod money;
 pub mod names;
 pub mod openai;
 pub mod sealed;
+pub mod upcast;
 pub mod usage;
 pub mod work;
 

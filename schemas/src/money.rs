@@ -64,7 +64,7 @@ impl Nanos {
 }
 
 /// A model's price: per million tokens for input, cached input and output, plus a flat
-/// per-request amount. All in nano-dollars.
+/// per-request amount (per image for image generations). All in nano-dollars.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Price {
     pub input_per_mtok: Nanos,
@@ -88,7 +88,9 @@ impl Price {
             + i128::from(usage.completion_tokens) * i128::from(self.output_per_mtok.0);
         // Round half up to whole nano-dollars, once per request.
         let rounded = (micro + 500_000) / 1_000_000;
-        let total = rounded + i128::from(self.per_request.0);
+        // An image generation is charged per image; any other request once.
+        let requests = i128::from(usage.images.max(1));
+        let total = rounded + i128::from(self.per_request.0) * requests;
         Nanos(i64::try_from(total).unwrap_or(i64::MAX))
     }
 }
@@ -137,5 +139,19 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(price.cost(&silly), Nanos(750)); // all 10 prompt tokens cached, at 75 nanos each
+    }
+
+    #[test]
+    fn image_generations_pay_per_image() {
+        let price = Price {
+            per_request: Nanos::from_usd_str("0.04").expect("price"),
+            ..Price::default()
+        };
+        let three = Usage {
+            images: 3,
+            ..Usage::default()
+        };
+        assert_eq!(price.cost(&three), Nanos(120_000_000));
+        assert_eq!(price.cost(&Usage::default()), Nanos(40_000_000));
     }
 }

@@ -54,6 +54,10 @@ impl Namespace {
     pub fn workers_consumer(&self) -> String {
         format!("{}_WORKERS", self.upper())
     }
+    /// The KV bucket where workers share channel bans and in-flight counts.
+    pub fn channel_health_bucket(&self) -> String {
+        format!("{}_CHANNEL_HEALTH", self.upper())
+    }
 
     /// `<ns>.requests.<model>`, the model encoded into one subject token.
     pub fn request_subject(&self, model: &str) -> String {

@@ -13,6 +13,14 @@ pub struct Usage {
     /// Reasoning tokens; included in `completion_tokens`.
     #[serde(default)]
     pub reasoning_tokens: u64,
+    /// Prompt tokens written to the provider's cache (Anthropic's
+    /// `cache_creation_input_tokens`); included in `prompt_tokens`.
+    #[serde(default)]
+    pub cache_creation_tokens: u64,
+    /// Images generated (`/v1/images/generations`); each is charged the price's
+    /// `per_request` amount.
+    #[serde(default)]
+    pub images: u64,
 }
 
 /// Whether usage was reported by the provider or estimated by Sluice's tokenizer.
@@ -50,6 +58,45 @@ impl Usage {
             total_tokens: total,
             cached_tokens: cached,
             reasoning_tokens: reasoning,
+            cache_creation_tokens: 0,
+            images: 0,
+        })
+    }
+
+    /// Reads an Anthropic `usage` object. Anthropic's `input_tokens` excludes cache reads
+    /// and writes; `prompt_tokens` here includes both, as OpenAI's does.
+    pub fn from_anthropic(v: &serde_json::Value) -> Option<Usage> {
+        let n = |name: &str| v.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        if !v.is_object() {
+            return None;
+        }
+        let (read, write) = (
+            n("cache_read_input_tokens"),
+            n("cache_creation_input_tokens"),
+        );
+        let prompt = n("input_tokens") + read + write;
+        let completion = n("output_tokens");
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_tokens: read,
+            reasoning_tokens: 0,
+            cache_creation_tokens: write,
+            images: 0,
+        })
+    }
+
+    /// The Anthropic `usage` object for this usage.
+    pub fn to_anthropic(&self) -> serde_json::Value {
+        let uncached = self
+            .prompt_tokens
+            .saturating_sub(self.cached_tokens + self.cache_creation_tokens);
+        serde_json::json!({
+            "input_tokens": uncached,
+            "cache_creation_input_tokens": self.cache_creation_tokens,
+            "cache_read_input_tokens": self.cached_tokens,
+            "output_tokens": self.completion_tokens,
         })
     }
 

@@ -13,6 +13,12 @@ use crate::usage::{Usage, UsageSource};
 #[serde(rename_all = "snake_case")]
 pub enum Api {
     ChatCompletions,
+    /// Anthropic's `POST /v1/messages`.
+    Messages,
+    /// OpenAI's `POST /v1/responses`.
+    Responses,
+    Embeddings,
+    Images,
 }
 
 /// A request queued on `<NS>_REQUESTS` for any worker to take.
@@ -35,6 +41,10 @@ pub struct WorkItem {
     pub deadline: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// Provider headers the client sent that an adapter of the same protocol forwards
+    /// (`anthropic-beta`, which Claude Code uses to turn on beta features).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward_headers: Vec<(String, String)>,
 }
 
 /// What a frame carries. Frames are numbered from 1 per request (`seq`), which is the
@@ -58,6 +68,10 @@ pub enum FrameKind {
 pub struct Frame {
     pub seq: u64,
     pub kind: FrameKind,
+    /// The SSE `event:` name, for client APIs that name their events (Anthropic's
+    /// `message_start`, the Responses API's `response.created`); OpenAI chat has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
     /// Raw JSON so the ingress relays it without parsing.
     pub data: Box<RawValue>,
 }

@@ -19,6 +19,8 @@ pub const KEY: &str = "sk-test-0123456789abcdef0123456789";
 /// USD per million tokens in the test price table.
 pub const INPUT_PER_MTOK: &str = "0.15";
 pub const OUTPUT_PER_MTOK: &str = "0.60";
+/// `SLUICE_ADMIN_TOKEN` of every test stack.
+pub const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
 
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -41,6 +43,10 @@ pub struct StackOptions {
     /// Extra YAML appended under `channels:` (each entry indented by two spaces).
     pub extra_channels: String,
     pub key_rpm: Option<u32>,
+    /// USD quota of the test key; unset = unlimited.
+    pub key_quota: Option<String>,
+    /// Extra environment for every role (e.g. `SLUICE_RATE_WINDOW_SECS`).
+    pub env: Vec<(&'static str, String)>,
     pub workers: usize,
 }
 
@@ -50,6 +56,8 @@ impl Default for StackOptions {
             mock: MockConfig::default(),
             extra_channels: String::new(),
             key_rpm: None,
+            key_quota: None,
+            env: Vec::new(),
             workers: 1,
         }
     }
@@ -71,6 +79,10 @@ impl Stack {
             .key_rpm
             .map(|r| format!(", rpm: {r}"))
             .unwrap_or_default();
+        let rpm = match &opts.key_quota {
+            Some(q) => format!("{rpm}, quota: \"{q}\""),
+            None => rpm,
+        };
         let yaml = format!(
             "channels:\n  - name: mock-main\n    type: openai\n    base_url: {base}\n    models: [{MODEL}]\n    priority: 1\n{extra}\
              prices:\n  - {{model: {MODEL}, input_per_mtok: \"{INPUT_PER_MTOK}\", output_per_mtok: \"{OUTPUT_PER_MTOK}\"}}\n\
@@ -95,8 +107,10 @@ impl Stack {
                 "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_owned(),
             ),
             ("SLUICE_LOG", "warn".to_owned()),
+            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
         ]
         .into_iter()
+        .chain(opts.env.iter().cloned())
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         let pool = projector::db::connect(DATABASE_URL, &ns, 4)

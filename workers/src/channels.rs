@@ -133,7 +133,7 @@ pub fn spawn_refresh(
                         tracing::info!("reloading channels works again");
                         failing = false;
                     }
-                    if *set.snapshot() != channels {
+                    if set.snapshot().channels() != channels.as_slice() {
                         tracing::info!(channels = channels.len(), "channels changed");
                         set.replace(channels);
                     }

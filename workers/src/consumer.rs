@@ -26,6 +26,7 @@ use crate::adapters;
 use crate::channels::{spawn_refresh, ChannelLoader};
 use crate::error::WorkerError;
 use crate::handler::{self, Ctx};
+use crate::health::SharedHealth;
 use crate::options::WorkerOptions;
 
 /// A message not acked (or progressed) within this long is redelivered to another worker.
@@ -84,6 +85,9 @@ pub async fn run_worker(
         return Ok(());
     };
     let channels = ChannelSet::new(initial);
+    let health = Arc::new(
+        SharedHealth::open(&js, &ns, channels.book().clone(), opts.breaker.clone()).await?,
+    );
     let tracker = TaskTracker::new();
     // The tokenizer's vocabularies take a while to build; build them off the hot path now
     // rather than in the first request whose provider reports no usage.
@@ -97,6 +101,7 @@ pub async fn run_worker(
         opts.channel_refresh,
         refresh_stop.clone(),
     );
+    health.spawn(&tracker, refresh_stop.clone());
 
     let max_in_flight = opts.max_in_flight.max(1);
     let ctx = Arc::new(Ctx {
@@ -105,6 +110,7 @@ pub async fn run_worker(
         ns,
         chunks,
         channels,
+        health,
         http: adapters::http_client()?,
         opts: opts.clone(),
         abort: CancellationToken::new(),
@@ -159,7 +165,8 @@ pub async fn run_worker(
         let _ = msg.ack_with(AckKind::Nak(None)).await;
     }
     drop(messages);
-    // Phase 2 and 3.
+    // Phase 2 and 3. The health tasks stop with the refresh; requests still running
+    // keep recording outcomes locally, and the next worker to see them shares them.
     refresh_stop.cancel();
     tracker.close();
     if tokio::time::timeout(opts.shutdown_grace, tracker.wait())

@@ -25,4 +25,6 @@ pub enum WorkerError {
     Http(#[from] reqwest::Error),
     #[error("loading channels failed: {0}")]
     Channels(#[from] crate::channels::ChannelsError),
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
 }

@@ -31,6 +31,8 @@ pub fn estimate(model: &str, body: &RawValue, completion: &str) -> Usage {
         total_tokens: prompt + completion,
         cached_tokens: 0,
         reasoning_tokens: 0,
+        cache_creation_tokens: 0,
+        images: 0,
     }
 }
 

@@ -83,6 +83,16 @@ impl FrameOut {
         kind: FrameKind,
         data: &T,
     ) -> Result<(), FrameError> {
+        self.push_event(kind, None, data)
+    }
+
+    /// Like [`FrameOut::push`], with the SSE event name the client's API gives this frame.
+    pub fn push_event<T: Serialize + ?Sized>(
+        &mut self,
+        kind: FrameKind,
+        event: Option<&str>,
+        data: &T,
+    ) -> Result<(), FrameError> {
         if self.buf.is_empty() {
             self.buf.reserve(1024);
             self.buf.push(b'[');
@@ -97,11 +107,13 @@ impl FrameOut {
             FrameKind::Error => "error",
         };
         // Writing to a Vec cannot fail.
-        let _ = write!(
-            self.buf,
-            "{{\"seq\":{},\"kind\":\"{kind}\",\"data\":",
-            self.next_seq
-        );
+        let _ = write!(self.buf, "{{\"seq\":{},\"kind\":\"{kind}\",", self.next_seq);
+        if let Some(event) = event {
+            self.buf.extend_from_slice(b"\"event\":");
+            serde_json::to_writer(&mut self.buf, event)?;
+            self.buf.push(b',');
+        }
+        self.buf.extend_from_slice(b"\"data\":");
         serde_json::to_writer(&mut self.buf, data)?;
         self.buf.push(b'}');
         self.next_seq += 1;

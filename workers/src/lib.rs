@@ -19,9 +19,11 @@ mod estimate;
 mod events;
 mod frames;
 mod handler;
+pub mod health;
 mod options;
 mod relay;
 mod tally;
+pub mod translate;
 
 pub use consumer::{run_worker, ACK_WAIT, MAX_ACK_PENDING, MAX_DELIVER};
 pub use error::WorkerError;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use router::{BreakerConfig, Policy};
 use schemas::sealed::SecretKey;
 
 /// How a worker process runs. `Default` gives the production values.
@@ -27,6 +28,26 @@ pub struct WorkerOptions {
     pub stream_idle_timeout: Duration,
     /// Longest a batch of frames waits for more chunks once content has been sent.
     pub coalesce_window: Duration,
+    /// When a channel is banned and for how long (shared by all workers).
+    pub breaker: BreakerConfig,
+    /// Attempts per request, over all channels and retries.
+    pub policy: Policy,
+}
+
+impl WorkerOptions {
+    /// Applies the `routing:` section of `sluice.yaml` over these options.
+    pub fn with_routing(mut self, routing: &schemas::config::RoutingConfig) -> Self {
+        if let Some(secs) = routing.ban_secs {
+            self.breaker.ban = Duration::from_secs(secs.max(1));
+        }
+        if let Some(n) = routing.failure_threshold {
+            self.breaker.failure_threshold = n.max(1);
+        }
+        if let Some(n) = routing.max_attempts {
+            self.policy.max_attempts = n.max(1);
+        }
+        self
+    }
 }
 
 impl Default for WorkerOptions {
@@ -39,6 +60,29 @@ impl Default for WorkerOptions {
             progress_interval: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(120),
             coalesce_window: Duration::from_millis(2),
+            breaker: BreakerConfig::default(),
+            policy: Policy::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::config::RoutingConfig;
+
+    #[test]
+    fn routing_config_overrides_only_what_it_sets() {
+        let opts = WorkerOptions::default().with_routing(&RoutingConfig {
+            ban_secs: Some(5),
+            failure_threshold: None,
+            max_attempts: Some(0),
+        });
+        assert_eq!(opts.breaker.ban, Duration::from_secs(5));
+        assert_eq!(opts.breaker.failure_threshold, 3);
+        assert_eq!(opts.policy.max_attempts, 1, "at least one attempt");
+        let same = WorkerOptions::default().with_routing(&RoutingConfig::default());
+        assert_eq!(same.breaker, BreakerConfig::default());
+        assert_eq!(same.policy, Policy::default());
     }
 }

@@ -9,13 +9,14 @@
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use schemas::work::{ErrorKind, FrameKind};
+use schemas::work::ErrorKind;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{ChunkStream, UpstreamError};
 use crate::frames::{FrameError, FrameOut};
 use crate::tally::{Rewriter, Tally};
+use crate::translate::Outbound;
 
 /// Time limits of one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +45,7 @@ pub async fn relay(
     stream: &mut ChunkStream,
     out: &mut FrameOut,
     rewriter: Rewriter<'_>,
+    outbound: &mut Outbound,
     tally: &mut Tally,
     limits: Limits,
     abort: &CancellationToken,
@@ -98,12 +100,10 @@ pub async fn relay(
                 )))
             }
             Some(Err(e)) => return Ok(RelayEnd::Failed(e)),
-            Some(Ok(mut chunk)) => {
-                if rewriter.chunk(&mut chunk, tally) {
-                    out.push(FrameKind::Chunk, &chunk)?;
-                    if out.full() {
-                        out.flush().await?;
-                    }
+            Some(Ok(chunk)) => {
+                outbound.chunk(chunk, rewriter, tally, out)?;
+                if out.full() {
+                    out.flush().await?;
                 }
             }
         }

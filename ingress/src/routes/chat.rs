@@ -19,7 +19,6 @@ use schemas::work::{Api, ApiErrorInfo, FrameKind, WorkItem};
 use crate::auth::authenticate;
 use crate::directory::{Caller, ModelStatus};
 use crate::error::{error_response, ApiError};
-use crate::limits::Decision;
 use crate::relay::{self, FrameReader, ReadError};
 use crate::request_id::RequestId;
 use crate::state::AppState;
@@ -41,6 +40,12 @@ pub async fn chat_completions(
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let view = validate_chat_request(&value)?;
     admit(&state, &caller, &view).await?;
+    let ask = crate::quota::Ask {
+        model: &view.model,
+        max_tokens: view.max_tokens,
+        body: &value,
+    };
+    let hold = crate::quota::admit(&state, &caller, request_id, ask).await?;
     // serde_json accepted the bytes, so they are valid UTF-8 JSON; forward them verbatim.
     let text =
         String::from_utf8(body.to_vec()).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
@@ -60,8 +65,9 @@ pub async fn chat_completions(
         accepted_at: Utc::now(),
         deadline: Utc::now() + state.opts.request_timeout,
         trace_id: None,
+        forward_headers: Vec::new(),
     };
-    let reader = enqueue(&state, &caller, item).await?;
+    let reader = hold.attach(enqueue(&state, &caller, item).await).await?;
     if view.stream {
         stream_response(reader, deadline).await
     } else {
@@ -69,33 +75,24 @@ pub async fn chat_completions(
     }
 }
 
-/// Admission before anything is queued: the model exists and is served, the key is under
-/// its rate limit and has quota left.
-async fn admit(state: &AppState, caller: &Caller, view: &ChatRequestView) -> Result<(), ApiError> {
+/// Admission before anything is queued: the model exists and is served. Key and user
+/// limits and the quota are `quota::admit`'s.
+pub(crate) async fn admit(
+    state: &AppState,
+    _caller: &Caller,
+    view: &ChatRequestView,
+) -> Result<(), ApiError> {
     match state.directory.model(&view.model) {
         ModelStatus::Unknown => return Err(ApiError::ModelNotFound(view.model.clone())),
         ModelStatus::NoEnabledChannel => return Err(ApiError::NoChannel(view.model.clone())),
         ModelStatus::Available => {}
-    }
-    if matches!(caller.remaining_nanos, Some(left) if left <= 0) {
-        return Err(ApiError::InsufficientQuota);
-    }
-    if let Some(limit) = caller.rpm {
-        let now = u64::try_from(Utc::now().timestamp()).unwrap_or(0);
-        if let Decision::Limited { retry_after } = state
-            .limiter
-            .check(&caller.key_id.simple().to_string(), limit, now)
-            .await
-        {
-            return Err(ApiError::RateLimited { limit, retry_after });
-        }
     }
     Ok(())
 }
 
 /// Subscribes to the request's chunk subject first (so no frame is missed), then queues
 /// the request and records `RequestAccepted`, awaiting both JetStream acks together.
-async fn enqueue(
+pub(crate) async fn enqueue(
     state: &AppState,
     caller: &Caller,
     item: WorkItem,

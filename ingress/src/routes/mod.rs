@@ -1,5 +1,18 @@
 //! The HTTP routes, one file per surface.
 
+pub mod admin_channels;
+pub mod admin_credits;
+pub mod admin_keys;
+pub mod admin_prices;
+pub mod admin_projections;
+pub mod api;
+pub mod auth;
+pub mod body;
 pub mod chat;
 pub mod health;
+pub mod keys;
+pub mod messages;
+pub mod named;
+pub mod responses;
 pub mod models;
+pub mod usage;

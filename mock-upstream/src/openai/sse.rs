@@ -23,6 +23,8 @@ pub(super) struct StreamPlan {
     pub(super) finish_reason: &'static str,
     /// `Some` when the client asked for usage and the provider reports it.
     pub(super) usage: Option<Usage>,
+    /// `(call id, tool name)` of a tool call sent after the text.
+    pub(super) tool: Option<(String, String)>,
 }
 
 /// Builds `chat.completion.chunk` events from a precomputed head (everything before
@@ -83,6 +85,19 @@ impl SseWriter {
         ])
     }
 
+    /// The tool call's first delta (id, name) and then its arguments in two pieces.
+    fn tool_call(&self, id: &str, name: &str) -> [Bytes; 3] {
+        let head = serde_json::json!([{"index":0,"delta":{"tool_calls":[{"index":0,"id":id,"type":"function",
+            "function":{"name":name,"arguments":""}}]},"logprobs":null,"finish_reason":null}]);
+        let (a, b) = super::TOOL_ARGUMENTS.split_at(super::TOOL_ARGUMENTS.len() / 2);
+        let args = |s: &str| {
+            let v = serde_json::json!([{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":s}}]},
+                "logprobs":null,"finish_reason":null}]);
+            self.event(&[v.to_string().as_bytes()])
+        };
+        [self.event(&[head.to_string().as_bytes()]), args(a), args(b)]
+    }
+
     fn usage(&self, usage: &Usage) -> Bytes {
         let json = serde_json::to_vec(usage).unwrap_or_default();
         let mut buf = BytesMut::with_capacity(self.head.len() + json.len() + 16);
@@ -123,6 +138,7 @@ pub(super) fn stream_response(shared: &Arc<Shared>, w: SseWriter, plan: StreamPl
         n,
         finish_reason,
         usage,
+        tool,
     } = plan;
     let body = async_stream::stream! {
         if !pause(&shutdown, knobs.ttft_ms).await {
@@ -149,6 +165,11 @@ pub(super) fn stream_response(shared: &Arc<Shared>, w: SseWriter, plan: StreamPl
             tokio::task::yield_now().await;
             yield Err(cut());
             return;
+        }
+        if let Some((id, name)) = &tool {
+            for event in w.tool_call(id, name) {
+                yield Ok(event);
+            }
         }
         yield Ok(w.finish(finish_reason));
         if let Some(u) = &usage {

@@ -13,6 +13,8 @@ use serde_json::value::RawValue;
 #[derive(Debug)]
 pub struct RequestBody<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The whole body, for adapters that translate it into another protocol.
+    raw: &'a RawValue,
     /// Length of the original text, to size the outgoing buffer in one allocation.
     raw_len: usize,
 }
@@ -23,6 +25,7 @@ impl<'a> RequestBody<'a> {
         let Fields(fields) = serde_json::from_str(raw.get())?;
         Ok(Self {
             fields,
+            raw,
             raw_len: raw.get().len(),
         })
     }
@@ -33,6 +36,11 @@ impl<'a> RequestBody<'a> {
 
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.fields().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    /// The whole body's JSON text.
+    pub fn to_json(&self) -> &'a str {
+        self.raw.get()
     }
 
     pub fn raw_len(&self) -> usize {

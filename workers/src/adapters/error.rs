@@ -37,6 +37,19 @@ impl UpstreamError {
         }
     }
 
+    /// A request the channel's protocol cannot express: the caller's mistake (400).
+    pub fn translation(provider: &'static str, e: crate::translate::TranslateError) -> Self {
+        Self {
+            provider,
+            kind: ErrorKind::BadRequest,
+            status: Some(400),
+            message: e.message,
+            code: Some("unsupported_by_channel".to_owned()),
+            param: e.param,
+            retry_after: None,
+        }
+    }
+
     /// A transport failure: connect errors are [`ErrorKind::Connection`], timeouts
     /// [`ErrorKind::Timeout`], anything else on the wire (a cut body) a connection error
     /// too. The URL is left out of the message: some providers put keys in query strings.
@@ -87,7 +100,10 @@ impl UpstreamError {
 }
 
 fn is_context_too_long(code: Option<&str>, message: &str) -> bool {
-    code == Some("context_length_exceeded") || message.contains("maximum context length")
+    code == Some("context_length_exceeded")
+        || message.contains("maximum context length")
+        // Anthropic: "prompt is too long: 208000 tokens > 200000 maximum".
+        || message.contains("prompt is too long")
 }
 
 /// `(message, code, param)` from an error body, tolerant of the shapes compatible

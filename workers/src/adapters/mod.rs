@@ -1,5 +1,6 @@
 //! Provider adapters: how a channel's upstream is called and how its answer becomes
-//! OpenAI-shaped chunks, the canonical form the workers publish.
+//! OpenAI-shaped chunks (the canonical form), or stays native when the client speaks the
+//! channel's protocol. See `README.md` here for the translation design.
 //!
 //! Dispatch is an enum chosen from the channel's `channel_type` ([`Adapter::for_channel`]),
 //! not a trait object, so the hot path has no virtual calls and adding a provider means a
@@ -12,18 +13,37 @@ use std::time::Duration;
 
 use futures::Stream;
 use router::Channel;
+use schemas::work::Api;
 
+pub mod anthropic;
 mod body;
 mod error;
+pub mod gemini;
 pub mod openai;
+pub mod presets;
 
 pub use body::RequestBody;
 pub use error::{retry_after, UpstreamError};
 
 /// The channel's `channel_type` names no adapter this worker has.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("channel type `{0}` is not supported by this worker (supported: openai, mock)")]
+#[error("channel type `{0}` is not supported by this worker (supported: anthropic and the OpenAI-compatible presets in `adapters::presets`)")]
 pub struct UnsupportedChannelType(pub String);
+
+/// A client API this channel type does not serve (embeddings on an Anthropic channel):
+/// the caller's 400, naming the channel type.
+pub fn unsupported_api(provider: &'static str, api: Api) -> UpstreamError {
+    let what = match api {
+        Api::Embeddings => "embeddings",
+        Api::Images => "image generations",
+        _ => "this API",
+    };
+    let e = crate::translate::TranslateError::new(
+        format!("`{provider}` channels do not serve {what}; route this model to an OpenAI-compatible channel"),
+        Some("model"),
+    );
+    UpstreamError::translation(provider, e)
+}
 
 /// The one HTTP client every upstream call goes through: connections are pooled and kept
 /// alive across requests (a TLS handshake per request would cost more CPU than the whole
@@ -46,13 +66,19 @@ pub struct UpstreamRequest<'a> {
     /// The channel's name for the model (after `model_map`).
     pub upstream_model: &'a str,
     pub stream: bool,
+    /// The client's API: the body is in its format, and adapters of another protocol
+    /// translate it.
+    pub api: Api,
+    /// Client headers for an upstream of the client's own protocol (`anthropic-beta`).
+    pub forward_headers: &'a [(String, String)],
 }
 
 /// A successful answer's head: either a stream of chunks still to read, or the whole
 /// non-streaming body.
 pub enum Reply {
     Stream(ChunkStream),
-    /// An OpenAI `chat.completion` object.
+    /// An OpenAI `chat.completion` object, or the provider's own answer when the adapter
+    /// [speaks](Adapter::speaks) the client's API.
     Complete(serde_json::Value),
 }
 
@@ -60,20 +86,30 @@ pub enum Reply {
 #[derive(Debug, Clone)]
 pub enum Adapter {
     OpenAi(openai::OpenAiAdapter),
+    Anthropic(anthropic::AnthropicAdapter),
+    Gemini(gemini::GeminiAdapter),
 }
 
 impl Adapter {
-    /// The adapter for a channel: `openai`, and `mock` (the built-in mock upstream speaks
-    /// OpenAI's wire format exactly). `http` is the shared client; cloning it is cheap.
+    /// The adapter for a channel: `anthropic`, `gemini`, or an OpenAI-compatible preset (`openai`,
+    /// `azure`, `deepseek`, ..., and `mock`, the built-in mock upstream).
+    /// `http` is the shared client; cloning it is cheap.
     pub fn for_channel(
         channel: &Channel,
         http: &reqwest::Client,
     ) -> Result<Adapter, UnsupportedChannelType> {
         match channel.channel_type.as_str() {
-            openai::PROVIDER_TYPE | "mock" => {
-                Ok(Adapter::OpenAi(openai::OpenAiAdapter::new(http.clone())))
-            }
-            other => Err(UnsupportedChannelType(other.to_owned())),
+            anthropic::PROVIDER_TYPE => Ok(Adapter::Anthropic(anthropic::AnthropicAdapter::new(
+                http.clone(),
+            ))),
+            gemini::PROVIDER_TYPE => Ok(Adapter::Gemini(gemini::GeminiAdapter::new(http.clone()))),
+            other => match presets::find(other) {
+                Some(preset) => Ok(Adapter::OpenAi(openai::OpenAiAdapter::new(
+                    http.clone(),
+                    preset,
+                ))),
+                None => Err(UnsupportedChannelType(other.to_owned())),
+            },
         }
     }
 
@@ -81,7 +117,18 @@ impl Adapter {
     pub fn provider(&self) -> &'static str {
         match self {
             Adapter::OpenAi(_) => openai::PROVIDER_TYPE,
+            Adapter::Anthropic(_) => anthropic::PROVIDER_TYPE,
+            Adapter::Gemini(_) => gemini::PROVIDER_TYPE,
         }
+    }
+
+    /// Whether this adapter's protocol is the client's API, so its answers pass through
+    /// natively instead of as canonical OpenAI chunks.
+    pub fn speaks(&self, api: Api) -> bool {
+        matches!(
+            (self, api),
+            (Adapter::OpenAi(_), Api::ChatCompletions) | (Adapter::Anthropic(_), Api::Messages)
+        )
     }
 
     /// Calls the upstream and returns once it answered (a stream's headers arrived) or
@@ -93,6 +140,8 @@ impl Adapter {
     ) -> Result<Reply, UpstreamError> {
         match self {
             Adapter::OpenAi(a) => a.send(channel, req).await,
+            Adapter::Anthropic(a) => a.send(channel, req).await,
+            Adapter::Gemini(a) => a.send(channel, req).await,
         }
     }
 }
@@ -102,6 +151,9 @@ impl Adapter {
 /// the two it was is [`ChunkStream::finished_cleanly`].
 pub enum ChunkStream {
     OpenAi(openai::OpenAiStream),
+    /// Boxed: its decoder state would make every `ChunkStream` large.
+    Anthropic(Box<anthropic::AnthropicStream>),
+    Gemini(Box<gemini::GeminiStream>),
 }
 
 impl ChunkStream {
@@ -109,6 +161,8 @@ impl ChunkStream {
     pub fn provider(&self) -> &'static str {
         match self {
             ChunkStream::OpenAi(_) => openai::PROVIDER_TYPE,
+            ChunkStream::Anthropic(_) => anthropic::PROVIDER_TYPE,
+            ChunkStream::Gemini(_) => gemini::PROVIDER_TYPE,
         }
     }
 
@@ -116,6 +170,8 @@ impl ChunkStream {
     pub fn finished_cleanly(&self) -> bool {
         match self {
             ChunkStream::OpenAi(s) => s.finished_cleanly(),
+            ChunkStream::Anthropic(s) => s.finished_cleanly(),
+            ChunkStream::Gemini(s) => s.finished_cleanly(),
         }
     }
 
@@ -125,6 +181,8 @@ impl ChunkStream {
     pub async fn release(self, limit: Duration) {
         match self {
             ChunkStream::OpenAi(s) => s.release(limit).await,
+            ChunkStream::Anthropic(s) => s.release(limit).await,
+            ChunkStream::Gemini(s) => s.release(limit).await,
         }
     }
 }
@@ -135,6 +193,8 @@ impl Stream for ChunkStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
             ChunkStream::OpenAi(s) => Pin::new(s).poll_next(cx),
+            ChunkStream::Anthropic(s) => Pin::new(s.as_mut()).poll_next(cx),
+            ChunkStream::Gemini(s) => Pin::new(s.as_mut()).poll_next(cx),
         }
     }
 }

@@ -11,23 +11,25 @@ use eventsource_stream::{EventStream, Eventsource};
 use futures::{Stream, StreamExt};
 use reqwest::header::CONTENT_TYPE;
 use router::Channel;
-use schemas::work::ErrorKind;
+use schemas::work::{Api, ErrorKind};
+use serde_json::value::RawValue;
 
+use super::presets::{Auth, Preset, Quirks};
 use super::{Reply, RequestBody, UpstreamError, UpstreamRequest};
+use crate::translate::anthropic;
 
 pub const PROVIDER_TYPE: &str = "openai";
-/// Used when a channel has no `base_url`; like the OpenAI SDK's, it includes `/v1`.
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
-/// Calls `POST {base_url}/chat/completions` with `Authorization: Bearer <key>`.
+/// Calls `POST {base_url}/chat/completions` (or the preset's URL) with the preset's auth.
 #[derive(Debug, Clone)]
 pub struct OpenAiAdapter {
     http: reqwest::Client,
+    preset: &'static Preset,
 }
 
 impl OpenAiAdapter {
-    pub fn new(http: reqwest::Client) -> Self {
-        Self { http }
+    pub fn new(http: reqwest::Client, preset: &'static Preset) -> Self {
+        Self { http, preset }
     }
 
     pub async fn send(
@@ -35,22 +37,25 @@ impl OpenAiAdapter {
         channel: &Channel,
         req: UpstreamRequest<'_>,
     ) -> Result<Reply, UpstreamError> {
-        let base = channel.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
-        let url = format!("{}/chat/completions", base.trim_end_matches('/'));
-        let body = build_body(req.body, req.upstream_model, req.stream).map_err(|e| {
-            UpstreamError::new(
-                PROVIDER_TYPE,
-                ErrorKind::Internal,
-                format!("cannot encode the request: {e}"),
-            )
-        })?;
+        let endpoint = match req.api {
+            Api::Embeddings => "embeddings",
+            Api::Images => "images/generations",
+            _ => "chat/completions",
+        };
+        let url = self
+            .preset
+            .url(channel.base_url.as_deref(), req.upstream_model, endpoint);
+        let body = client_body(req, self.preset)?;
         let mut call = self
             .http
             .post(url)
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(key) = &channel.api_key {
-            call = call.bearer_auth(key);
+            call = match self.preset.auth {
+                Auth::Bearer => call.bearer_auth(key),
+                Auth::Header(name) => call.header(name, key),
+            };
         }
         let resp = call
             .send()
@@ -88,6 +93,69 @@ impl OpenAiAdapter {
     }
 }
 
+/// The upstream body for the client's API: an OpenAI chat body as is (see [`build_body`]),
+/// an Anthropic Messages body translated first.
+fn client_body(req: UpstreamRequest<'_>, preset: &Preset) -> Result<Vec<u8>, UpstreamError> {
+    let encode = |e: serde_json::Error| {
+        UpstreamError::new(
+            PROVIDER_TYPE,
+            ErrorKind::Internal,
+            format!("cannot encode the request: {e}"),
+        )
+    };
+    match req.api {
+        Api::Messages => {
+            let client: serde_json::Value =
+                serde_json::from_str(req.body.to_json()).map_err(encode)?;
+            let translated = anthropic::request::anthropic_to_openai(&client)
+                .map_err(|e| UpstreamError::translation(PROVIDER_TYPE, e))?;
+            let raw = RawValue::from_string(translated.to_string()).map_err(encode)?;
+            let body = RequestBody::parse(&raw).map_err(encode)?;
+            check_quirks(&body, preset)?;
+            build_body(&body, req.upstream_model, req.stream, &preset.quirks).map_err(encode)
+        }
+        _ => {
+            check_quirks(req.body, preset)?;
+            build_body(req.body, req.upstream_model, req.stream, &preset.quirks).map_err(encode)
+        }
+    }
+}
+
+/// Refuses what the provider cannot take before calling it: images for a text-only
+/// provider. Only then are the messages parsed.
+fn check_quirks(body: &RequestBody<'_>, preset: &Preset) -> Result<(), UpstreamError> {
+    if preset.quirks.vision {
+        return Ok(());
+    }
+    let Some(messages) = body.get("messages") else {
+        return Ok(());
+    };
+    let messages: serde_json::Value = serde_json::from_str(messages.get()).unwrap_or_default();
+    let has_image = messages.as_array().into_iter().flatten().any(|m| {
+        m.get("content")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|parts| {
+                parts.iter().any(|p| {
+                    matches!(
+                        p.get("type").and_then(serde_json::Value::as_str),
+                        Some("image_url" | "input_image" | "image")
+                    )
+                })
+            })
+    });
+    if has_image {
+        let e = crate::translate::TranslateError::new(
+            format!(
+                "this model's channel (`{}`) accepts text only; remove the image content",
+                preset.name
+            ),
+            Some("messages"),
+        );
+        return Err(UpstreamError::translation(PROVIDER_TYPE, e));
+    }
+    Ok(())
+}
+
 /// The upstream body: the client's fields in the client's order, with `model` set to the
 /// upstream model and, for streams, `stream: true` and `stream_options.include_usage`
 /// forced on so the provider reports usage (the handler drops the usage chunk again when
@@ -97,6 +165,7 @@ pub fn build_body(
     body: &RequestBody<'_>,
     upstream_model: &str,
     stream: bool,
+    quirks: &Quirks,
 ) -> Result<Vec<u8>, serde_json::Error> {
     let mut out = Vec::with_capacity(body.raw_len() + upstream_model.len() + 64);
     out.extend_from_slice(b"{\"model\":");
@@ -110,18 +179,24 @@ pub fn build_body(
                 client_had_stream = true;
                 continue;
             }
-            "stream_options" if stream => {
+            "stream_options" if stream || !quirks.stream_options => {
                 client_options = Some(value);
                 continue;
             }
             _ => {}
         }
         out.push(b',');
+        let key = match key {
+            "max_completion_tokens" if !quirks.max_completion_tokens => "max_tokens",
+            other => other,
+        };
         serde_json::to_writer(&mut out, key)?;
         out.push(b':');
         out.extend_from_slice(value.get().as_bytes());
     }
-    if stream {
+    if stream && !quirks.stream_options {
+        out.extend_from_slice(b",\"stream\":true");
+    } else if stream {
         out.extend_from_slice(b",\"stream\":true,\"stream_options\":");
         let mut options = client_options
             .and_then(|v| {
@@ -139,7 +214,7 @@ pub fn build_body(
 
 /// The byte stream of a response body. Boxed once per call because reqwest's stream type
 /// cannot be named; nothing is allocated per chunk by it.
-type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+pub(crate) type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// An OpenAI SSE stream: `data: {chunk}` events, then `data: [DONE]`. An `{"error":...}`
 /// event (compatible servers report mid-stream failures that way) becomes an error.
@@ -237,14 +312,46 @@ fn parse_chunk(data: &str) -> Result<serde_json::Value, UpstreamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
     use serde_json::{json, Value};
 
-    fn build(body: &str, model: &str, stream: bool) -> Value {
+    fn build_for(body: &str, model: &str, stream: bool, preset: &str) -> Value {
         let raw = RawValue::from_string(body.to_owned()).expect("raw");
         let body = RequestBody::parse(&raw).expect("object");
-        let bytes = build_body(&body, model, stream).expect("encode");
+        let quirks = super::super::presets::find(preset).expect("preset").quirks;
+        let bytes = build_body(&body, model, stream, &quirks).expect("encode");
         serde_json::from_slice(&bytes).expect("valid JSON")
+    }
+
+    fn build(body: &str, model: &str, stream: bool) -> Value {
+        build_for(body, model, stream, "openai")
+    }
+
+    #[test]
+    fn mistral_gets_no_stream_options_and_max_tokens() {
+        let v = build_for(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":5,"messages":[]}"#,
+            "mistral-large",
+            true,
+            "mistral",
+        );
+        assert_eq!(
+            v,
+            json!({"model":"mistral-large","max_tokens":5,"messages":[],"stream":true})
+        );
+    }
+
+    #[test]
+    fn images_to_a_text_only_provider_are_refused() {
+        let raw = RawValue::from_string(
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#.to_owned(),
+        )
+        .expect("raw");
+        let body = RequestBody::parse(&raw).expect("object");
+        let deepseek = super::super::presets::find("deepseek").expect("preset");
+        let e = check_quirks(&body, deepseek).expect_err("text only");
+        assert_eq!((e.kind, e.status), (ErrorKind::BadRequest, Some(400)));
+        let openai = super::super::presets::find("openai").expect("preset");
+        assert!(check_quirks(&body, openai).is_ok());
     }
 
     #[test]

@@ -15,13 +15,15 @@ use crate::estimate;
 use crate::frames::FrameError;
 use crate::relay::{self, Limits, RelayEnd};
 use crate::tally::{Rewriter, Tally};
+use crate::translate::Outbound;
 
 /// A successful attempt's answer, before its last frames are sent.
 pub(super) enum Answer {
-    /// Relayed; the stream is kept to release its connection at the end.
-    Stream(ChunkStream),
-    /// The whole body, sent after the completion is recorded.
-    Complete(serde_json::Value),
+    /// Relayed; the stream is kept to release its connection at the end, the encoder to
+    /// write the client's closing frames.
+    Stream(ChunkStream, Outbound),
+    /// The whole body, sent (in the client's format) after the completion is recorded.
+    Complete(serde_json::Value, Outbound),
 }
 
 /// How one attempt ended.
@@ -47,6 +49,9 @@ impl<'a> Request<'a> {
             }
             if Instant::now() >= self.deadline {
                 break;
+            }
+            if !self.may_try(attempt).await {
+                continue;
             }
             self.attempts += 1;
             self.events
@@ -74,8 +79,11 @@ impl<'a> Request<'a> {
                 body,
                 upstream_model: &attempt.upstream_model,
                 stream: self.item.stream,
+                api: crate::translate::adapter_api(self.item.api),
+                forward_headers: &self.item.forward_headers,
             };
             let mut tally = Tally::default();
+            let in_flight = attempt.health.start();
             let end = if self.item.stream {
                 self.stream_attempt(&adapter, attempt, req, &mut tally)
                     .await
@@ -83,8 +91,10 @@ impl<'a> Request<'a> {
                 self.complete_attempt(&adapter, attempt, req, &mut tally)
                     .await
             };
+            drop(in_flight);
             match end {
                 AttemptEnd::Done(answer) => {
+                    self.channel_answered(attempt).await;
                     self.finish(attempt, &tally, answer).await;
                     return Disposition::Ack;
                 }
@@ -187,17 +197,23 @@ impl<'a> Request<'a> {
             Err(end) => return end,
         };
         let rewriter = self.rewriter();
+        let mut outbound = Outbound::new(
+            self.item.api,
+            adapter.speaks(self.item.api),
+            &self.item.model,
+        );
         match relay::relay(
             &mut stream,
             &mut self.frames,
             rewriter,
+            &mut outbound,
             tally,
             limits,
             &self.ctx.abort,
         )
         .await
         {
-            Ok(RelayEnd::Finished) => AttemptEnd::Done(Answer::Stream(stream)),
+            Ok(RelayEnd::Finished) => AttemptEnd::Done(Answer::Stream(stream, outbound)),
             Ok(RelayEnd::Failed(e)) => AttemptEnd::Failed(e),
             Ok(RelayEnd::Aborted) => AttemptEnd::Aborted,
             Err(e) => AttemptEnd::Lost(e),
@@ -222,10 +238,15 @@ impl<'a> Request<'a> {
             }
             Err(end) => return end,
         };
-        self.rewriter().response(&mut body, tally);
+        let outbound = Outbound::new(
+            self.item.api,
+            adapter.speaks(self.item.api),
+            &self.item.model,
+        );
+        outbound.response(&mut body, self.rewriter(), tally);
         // For a plain answer the first token reaches the client with the whole body.
         tally.first_content_at.get_or_insert_with(Instant::now);
-        AttemptEnd::Done(Answer::Complete(body))
+        AttemptEnd::Done(Answer::Complete(body, outbound))
     }
 
     async fn attempt_failed(&self, attempt: &Attempt, e: &UpstreamError) {
@@ -240,5 +261,6 @@ impl<'a> Request<'a> {
                 message: e.message.clone(),
             }))
             .await;
+        self.channel_failed(attempt, e).await;
     }
 }

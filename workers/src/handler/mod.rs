@@ -13,6 +13,7 @@
 //! (the worker died) is recognised from the last stored frame instead of run twice.
 
 mod attempt;
+mod breaker;
 mod outcome;
 
 use std::future::Future;
@@ -40,6 +41,8 @@ pub struct Ctx {
     /// `<NS>_CHUNKS`, read on redelivery to see what the client already got.
     pub chunks: jetstream::stream::Stream,
     pub channels: router::ChannelSet,
+    /// Bans and in-flight counts shared with the other workers.
+    pub health: std::sync::Arc<crate::health::SharedHealth>,
     pub http: reqwest::Client,
     pub opts: WorkerOptions,
     /// Cancelled when the shutdown grace period is over: requests still running stop and
@@ -160,7 +163,18 @@ impl<'a> Request<'a> {
             self.fail(info, None, None).await;
             return Disposition::Ack;
         }
-        let Ok(body) = RequestBody::parse(&self.item.body) else {
+        // A client API no adapter speaks (Responses) becomes a chat request once, here.
+        let translated = match crate::translate::inbound(self.item) {
+            Ok(translated) => translated,
+            Err(e) => {
+                let mut info = error_info(ErrorKind::BadRequest, e.message);
+                info.param = e.param;
+                self.fail(info, None, None).await;
+                return Disposition::Ack;
+            }
+        };
+        let raw = translated.as_deref().unwrap_or(&self.item.body);
+        let Ok(body) = RequestBody::parse(raw) else {
             let info = error_info(
                 ErrorKind::BadRequest,
                 "the request body must be a JSON object",
@@ -168,22 +182,29 @@ impl<'a> Request<'a> {
             self.fail(info, None, None).await;
             return Disposition::Ack;
         };
-        let plan = {
-            let channels = self.ctx.channels.snapshot();
-            router::plan(
-                &channels,
-                &self.item.model,
-                &self.item.group,
-                &mut rand::rng(),
-            )
-        };
-        if plan.is_empty() {
-            let message = format!("no channel available for model `{}`", self.item.model);
-            self.fail(error_info(ErrorKind::NoChannel, message), None, None)
-                .await;
+        let now_ms = crate::health::now_ms();
+        let plan = router::plan(
+            &self.ctx.channels.snapshot(),
+            router::Route {
+                model: &self.item.model,
+                group: &self.item.group,
+            },
+            &self.ctx.opts.policy,
+            now_ms,
+            &mut rand::rng(),
+        );
+        if plan.attempts.is_empty() {
+            let mut info = match plan.banned_until_ms {
+                Some(_) => error_info(ErrorKind::NoChannel, format!("every channel for model `{}` is temporarily banned after failing; try again later", self.item.model)),
+                None => error_info(ErrorKind::NoChannel, format!("no channel available for model `{}`", self.item.model)),
+            };
+            info.retry_after = plan
+                .banned_until_ms
+                .map(|until| until.saturating_sub(now_ms).div_ceil(1000).max(1));
+            self.fail(info, None, None).await;
             return Disposition::Ack;
         }
-        self.attempt_all(&plan, &body).await
+        self.attempt_all(&plan.attempts, &body).await
     }
 
     /// Goes through the plan until an attempt answers, one fails in a way another channel

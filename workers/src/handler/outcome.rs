@@ -48,21 +48,15 @@ impl Request<'_> {
             .await;
         let estimated = usage_source == UsageSource::Estimated;
         let (pushed, stream) = match answer {
-            Answer::Complete(mut body) => {
-                if estimated {
-                    if let Some(obj) = body.as_object_mut() {
-                        if obj.get("usage").is_none_or(serde_json::Value::is_null) {
-                            obj.insert("usage".to_owned(), usage.to_openai());
-                        }
-                    }
-                }
+            Answer::Complete(body, outbound) => {
+                let body = outbound.final_body(body, &self.item.model, &usage, estimated);
                 (self.frames.push(FrameKind::Response, &body), None)
             }
-            Answer::Stream(stream) if estimated && self.item.include_usage => {
-                let chunk = self.rewriter().usage_chunk(tally, &usage);
-                (self.frames.push(FrameKind::Chunk, &chunk), Some(stream))
+            Answer::Stream(stream, mut outbound) => {
+                let rewriter = self.rewriter();
+                let pushed = outbound.finish(rewriter, tally, &usage, estimated, &mut self.frames);
+                (pushed, Some(stream))
             }
-            Answer::Stream(stream) => (Ok(()), Some(stream)),
         };
         if let Err(e) = pushed {
             tracing::error!(request_id = %self.item.request_id, error = %e, "cannot encode the answer's last frames");

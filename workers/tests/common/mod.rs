@@ -203,6 +203,7 @@ impl Harness {
             accepted_at: Utc::now(),
             deadline: Utc::now() + chrono::Duration::seconds(30),
             trace_id: None,
+            forward_headers: Vec::new(),
         }
     }
 

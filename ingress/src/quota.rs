@@ -1,0 +1,635 @@
+//! Admission by money and rate: a request is queued only if its key may use the model,
+//! every RPM/TPM limit of its key and user admits it, and the key's balance covers its
+//! estimated cost.
+//!
+//! The estimate is prompt tokens (tiktoken) plus `max_tokens` (or
+//! [`DEFAULT_COMPLETION_TOKENS`]) at the model's price in force. It is *held* in Redis —
+//! one hash per key, request id → amount, plus a sorted set of expiry times — by one Lua
+//! script that admits only if `remaining − Σ holds ≥ estimate`, so concurrent requests on
+//! every ingress together never promise more than the balance: a key overspends at most by
+//! what a request uses beyond its own estimate.
+//!
+//! A hold's life: reserved at admission (expires after the request timeout plus a margin,
+//! so a crashed ingress frees it); at the terminal frame set to the real cost (or dropped
+//! when the request failed before producing anything) with a short expiry; released when
+//! the directory sees the request's ledger row, i.e. when the projected balance includes
+//! it. The short expiry is only a safety net for a request the ledger never charges.
+//!
+//! Redis down: the projected balance alone decides (no holds), with a warning.
+
+use chrono::Utc;
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use uuid::Uuid;
+
+use schemas::work::{DoneData, Frame, FrameKind};
+use schemas::{Namespace, Nanos, Price, Usage};
+
+use crate::accounts::AccountError;
+use crate::directory::Caller;
+use crate::error::ApiError;
+use crate::limits::{Checked, Limit, RateLimiter};
+use crate::relay::FrameReader;
+use crate::state::AppState;
+
+/// Completion tokens assumed when a request sets no `max_tokens`.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
+/// How long a settled hold may wait for the ledger before it expires on its own.
+pub const SETTLED_HOLD: Duration = Duration::from_secs(120);
+/// Added to the request timeout for a hold that was never settled.
+const RESERVE_MARGIN: Duration = Duration::from_secs(60);
+
+/// What the quota needs of a request, whatever its API.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub model: &'a str,
+    pub max_tokens: Option<u64>,
+    pub body: &'a Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Nanos,
+}
+
+pub fn estimate(price: Option<Price>, ask: Ask<'_>) -> Estimate {
+    let prompt_tokens = billing::estimate_prompt(ask.model, ask.body);
+    let completion_tokens = ask.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS);
+    let usage = Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        ..Usage::default()
+    };
+    Estimate {
+        prompt_tokens,
+        completion_tokens,
+        cost: price.map_or(Nanos::ZERO, |p| p.cost(&usage)),
+    }
+}
+
+/// Admits a request or refuses it with 404 (model not allowed for the key), 429
+/// `rate_limit_exceeded` with `Retry-After`, or 429 `insufficient_quota`. The returned
+/// [`Hold`] must be settled: pass the queued request's reader to [`Hold::attach`].
+pub async fn admit(
+    state: &AppState,
+    caller: &Caller,
+    request_id: Uuid,
+    ask: Ask<'_>,
+) -> Result<Hold, ApiError> {
+    if !caller.may_use(ask.model) {
+        return Err(ApiError::ModelNotFound(ask.model.to_owned()));
+    }
+    let needs_tokens =
+        caller.remaining_nanos.is_some() || caller.tpm.is_some() || caller.user_tpm.is_some();
+    if !needs_tokens && caller.rpm.is_none() && caller.user_rpm.is_none() {
+        return Ok(Hold::none());
+    }
+    let price = state.directory.price(ask.model);
+    let est = if needs_tokens {
+        estimate(price, ask)
+    } else {
+        Estimate {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost: Nanos::ZERO,
+        }
+    };
+    let tokens = est.prompt_tokens + est.completion_tokens;
+    let counters = check_limits(&state.limiter, caller, tokens).await?;
+    let tpm_counters: Vec<String> = counters
+        .into_iter()
+        .filter(|(kind, _)| *kind == "tpm")
+        .map(|(_, c)| c)
+        .collect();
+    let mut hold = Hold(Some(HoldInner {
+        store: state.directory.holds().clone(),
+        limiter: state.limiter.clone(),
+        key_id: caller.key_id,
+        request_id,
+        price,
+        reserved: false,
+        tpm_counters,
+        tpm_counted: tokens,
+    }));
+    if let Some(remaining) = caller.remaining_nanos {
+        let expire = state.opts.request_timeout + RESERVE_MARGIN;
+        let store = state.directory.holds();
+        match store
+            .reserve(caller.key_id, request_id, remaining, est.cost, expire)
+            .await
+        {
+            Reservation::Held => {
+                if let Some(inner) = hold.0.as_mut() {
+                    inner.reserved = true;
+                }
+            }
+            Reservation::Refused => {
+                hold.release().await;
+                return Err(ApiError::InsufficientQuota);
+            }
+            Reservation::Unavailable if remaining > 0 && remaining >= est.cost.0 => {}
+            Reservation::Unavailable => {
+                hold.release().await;
+                return Err(ApiError::InsufficientQuota);
+            }
+        }
+    }
+    Ok(hold)
+}
+
+/// Key and user RPM/TPM in one atomic check; returns the counters as `(kind, key)`.
+async fn check_limits(
+    limiter: &RateLimiter,
+    caller: &Caller,
+    tokens: u64,
+) -> Result<Vec<(&'static str, String)>, ApiError> {
+    let key = format!("key:{}", caller.key_id.simple());
+    let user = caller.user_id.map(|u| format!("user:{}", u.simple()));
+    let mut limits: Vec<(&'static str, Limit)> = Vec::with_capacity(4);
+    let mut push = |scope: &'static str, kind: &'static str, subject: &str, limit: u32, cost| {
+        limits.push((
+            scope,
+            Limit {
+                kind,
+                subject: subject.to_owned(),
+                limit,
+                cost,
+            },
+        ));
+    };
+    if let Some(l) = caller.rpm {
+        push("key", "rpm", &key, l, 1);
+    }
+    if let Some(l) = caller.tpm {
+        push("key", "tpm", &key, l, tokens);
+    }
+    if let Some(user) = &user {
+        if let Some(l) = caller.user_rpm {
+            push("user", "rpm", user, l, 1);
+        }
+        if let Some(l) = caller.user_tpm {
+            push("user", "tpm", user, l, tokens);
+        }
+    }
+    if limits.is_empty() {
+        return Ok(Vec::new());
+    }
+    let only: Vec<Limit> = limits.iter().map(|(_, l)| l.clone()).collect();
+    match limiter.check_all(&only, now_ms()).await {
+        Checked::Allowed { counters } => {
+            Ok(limits.iter().map(|(_, l)| l.kind).zip(counters).collect())
+        }
+        Checked::Limited { index, retry_after } => {
+            let (scope, l) = &limits[index];
+            Err(AccountError::RateLimited {
+                scope,
+                unit: if l.kind == "rpm" {
+                    "requests"
+                } else {
+                    "tokens"
+                },
+                limit: l.limit,
+                window_secs: limiter.window_secs(),
+                retry_after,
+            }
+            .into())
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// A request's claim on its key's balance and token counters, until it ends.
+#[must_use = "a hold must be attached to the request's reader or released"]
+pub struct Hold(Option<HoldInner>);
+
+struct HoldInner {
+    store: HoldStore,
+    limiter: RateLimiter,
+    key_id: Uuid,
+    request_id: Uuid,
+    price: Option<Price>,
+    reserved: bool,
+    tpm_counters: Vec<String>,
+    tpm_counted: u64,
+}
+
+impl Hold {
+    /// Nothing held (no quota, no limits).
+    pub fn none() -> Self {
+        Hold(None)
+    }
+
+    /// Hands the hold to the queued request's reader, which settles it on the terminal
+    /// frame; if queueing failed, releases it and passes the error on.
+    pub async fn attach(
+        self,
+        queued: Result<FrameReader, ApiError>,
+    ) -> Result<FrameReader, ApiError> {
+        match queued {
+            Ok(mut reader) => {
+                reader.settle_on_end(self);
+                Ok(reader)
+            }
+            Err(e) => {
+                self.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Settles against the terminal frame: the real cost and tokens for `Done`; for an
+    /// `Error` as the very first frame nothing was produced, so the hold is dropped;
+    /// a later error keeps the estimate until the ledger decides.
+    pub async fn finish(mut self, frame: &Frame) {
+        let Some(inner) = self.0.take() else { return };
+        match frame.kind {
+            FrameKind::Done => {
+                let Ok(done) = serde_json::from_str::<DoneData>(frame.data.get()) else {
+                    inner.settle(None).await;
+                    return;
+                };
+                let total = done
+                    .usage
+                    .total_tokens
+                    .max(done.usage.prompt_tokens + done.usage.completion_tokens);
+                let delta = i64::try_from(total).unwrap_or(i64::MAX)
+                    - i64::try_from(inner.tpm_counted).unwrap_or(i64::MAX);
+                inner.limiter.adjust(&inner.tpm_counters, delta).await;
+                let cost = inner.price.map_or(Nanos::ZERO, |p| p.cost(&done.usage));
+                inner.settle(Some(cost)).await;
+            }
+            FrameKind::Error if frame.seq <= 1 => inner.settle(Some(Nanos::ZERO)).await,
+            _ => inner.settle(None).await,
+        }
+    }
+
+    /// Drops the hold at once (the request was never queued).
+    pub async fn release(mut self) {
+        if let Some(inner) = self.0.take() {
+            if inner.reserved {
+                inner
+                    .store
+                    .release(&[(inner.key_id, inner.request_id)])
+                    .await;
+            }
+        }
+    }
+}
+
+impl HoldInner {
+    /// `Some(cost)`: the hold becomes the real cost (0 drops it); `None`: the estimate
+    /// stays. Either way it now waits for the ledger with a short expiry.
+    async fn settle(self, cost: Option<Nanos>) {
+        if self.reserved {
+            self.store
+                .settle(self.key_id, self.request_id, cost, SETTLED_HOLD)
+                .await;
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(inner) = &self.0 {
+            // A client gone mid-stream drops its reader: the hold then waits for the
+            // ledger row (or its expiry), which is the right outcome, so this is routine.
+            tracing::trace!(request_id = %inner.request_id, "quota hold left to the ledger");
+        }
+    }
+}
+
+enum Reservation {
+    Held,
+    Refused,
+    Unavailable,
+}
+
+/// The Redis side of quota holds, shared by admission and the directory's refresh.
+#[derive(Clone, Default)]
+pub struct HoldStore {
+    redis: Option<ConnectionManager>,
+    ns: Namespace,
+    warned: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for HoldStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HoldStore")
+            .field("redis", &self.redis.is_some())
+            .field("ns", &self.ns)
+            .finish()
+    }
+}
+
+// KEYS[1] holds (request id → nanos), KEYS[2] expiries (request id scored by ms).
+// ARGV: now ms, remaining, estimate, request id, expiry ms, idle TTL ms.
+// Returns 1 and holds the estimate if the balance covers it, else 0.
+static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, id in ipairs(expired) do redis.call('HDEL', KEYS[1], id) end
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1]) end
+local held = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do held = held + tonumber(v) end
+local left = tonumber(ARGV[2]) - held
+local est = tonumber(ARGV[3])
+if left <= 0 or left < est then return 0 end
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return 1
+",
+    )
+});
+
+// ARGV: request id, cost (or '' to keep the amount), expiry ms. Only touches a hold that
+// still exists: the ledger may already have released it.
+static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == '0' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+",
+    )
+});
+
+impl HoldStore {
+    pub fn new(redis: Option<ConnectionManager>, ns: Namespace) -> Self {
+        Self {
+            redis,
+            ns,
+            warned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn keys(&self, key_id: Uuid) -> (String, String) {
+        let id = key_id.simple().to_string();
+        (
+            self.ns.redis_key(&["quota", &id]),
+            self.ns.redis_key(&["quota", &id, "exp"]),
+        )
+    }
+
+    fn failed(&self, e: &redis::RedisError) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "Redis unreachable: quota is checked against projected balances only");
+        }
+    }
+
+    async fn reserve(
+        &self,
+        key_id: Uuid,
+        request_id: Uuid,
+        remaining: i64,
+        estimate: Nanos,
+        expire: Duration,
+    ) -> Reservation {
+        let Some(redis) = &self.redis else {
+            return Reservation::Unavailable;
+        };
+        let (holds, expiries) = self.keys(key_id);
+        let now = now_ms();
+        let expire_ms = u64::try_from(expire.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = redis.clone();
+        let result: Result<i64, _> = RESERVE
+            .key(holds)
+            .key(expiries)
+            .arg(now)
+            .arg(remaining)
+            .arg(estimate.0)
+            .arg(request_id.simple().to_string())
+            .arg(now.saturating_add(expire_ms))
+            .arg(expire_ms.saturating_add(60_000))
+            .invoke_async(&mut conn)
+            .await;
+        match result {
+            Ok(1) => {
+                self.warned.store(false, Ordering::Relaxed);
+                Reservation::Held
+            }
+            Ok(_) => Reservation::Refused,
+            Err(e) => {
+                self.failed(&e);
+                Reservation::Unavailable
+            }
+        }
+    }
+
+    async fn settle(&self, key_id: Uuid, request_id: Uuid, cost: Option<Nanos>, hold: Duration) {
+        let Some(redis) = &self.redis else { return };
+        let (holds, expiries) = self.keys(key_id);
+        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = redis.clone();
+        let result: Result<i64, _> = SETTLE
+            .key(holds)
+            .key(expiries)
+            .arg(request_id.simple().to_string())
+            .arg(cost.map(|c| c.0.max(0).to_string()).unwrap_or_default())
+            .arg(now_ms().saturating_add(hold_ms))
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = result {
+            self.failed(&e);
+        }
+    }
+
+    /// Drops the holds of `(key_id, request_id)` pairs (charged by the ledger, or never queued).
+    pub async fn release(&self, pairs: &[(Uuid, Uuid)]) {
+        let Some(redis) = &self.redis else { return };
+        let mut pipe = redis::pipe();
+        for (key_id, request_id) in pairs {
+            let (holds, expiries) = self.keys(*key_id);
+            let id = request_id.simple().to_string();
+            pipe.hdel(holds, &id).ignore().zrem(expiries, &id).ignore();
+        }
+        let mut conn = redis.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            self.failed(&e);
+        }
+    }
+
+    /// The sum of a key's live holds (tests and diagnostics).
+    pub async fn held(&self, key_id: Uuid) -> Option<i64> {
+        let redis = self.redis.as_ref()?;
+        let (holds, _) = self.keys(key_id);
+        let mut conn = redis.clone();
+        let values: Vec<i64> = redis::cmd("HVALS")
+            .arg(holds)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        Some(values.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn estimate_prices_prompt_plus_completion_budget() {
+        let price = Price {
+            input_per_mtok: Nanos(1_000_000_000), // $1 per million: 1000 nanos per token
+            output_per_mtok: Nanos(2_000_000_000),
+            cached_input_per_mtok: None,
+            per_request: Nanos(7),
+        };
+        let body = json!({"messages": [{"role": "user", "content": "hello world"}]});
+        let ask = Ask {
+            model: "gpt-4o",
+            max_tokens: Some(10),
+            body: &body,
+        };
+        let e = estimate(Some(price), ask);
+        assert_eq!(e.prompt_tokens, 3 + 1 + 2 + 3);
+        assert_eq!(e.completion_tokens, 10);
+        assert_eq!(e.cost, Nanos(9 * 1000 + 10 * 2000 + 7));
+        let unpriced = estimate(
+            None,
+            Ask {
+                max_tokens: None,
+                ..ask
+            },
+        );
+        assert_eq!(unpriced.completion_tokens, DEFAULT_COMPLETION_TOKENS);
+        assert_eq!(unpriced.cost, Nanos::ZERO);
+    }
+
+    async fn store() -> HoldStore {
+        let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
+        let conn = client.get_connection_manager().await.expect("redis");
+        let ns = Namespace::new(&format!("t_{}", Uuid::now_v7().simple())).expect("ns");
+        HoldStore::new(Some(conn), ns)
+    }
+
+    async fn cleanup(store: &HoldStore, key: Uuid) {
+        let (holds, expiries) = store.keys(key);
+        let mut conn = store.redis.clone().expect("redis");
+        let _: () = redis::pipe()
+            .del(holds)
+            .del(expiries)
+            .query_async(&mut conn)
+            .await
+            .expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn holds_never_promise_more_than_the_balance() {
+        let store = store().await;
+        let key = Uuid::now_v7();
+        let long = Duration::from_secs(60);
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let held = |r: Reservation| matches!(r, Reservation::Held);
+        assert!(held(store.reserve(key, a, 100, Nanos(60), long).await));
+        // 40 left: an estimate of 50 does not fit, 40 does.
+        assert!(!held(store.reserve(key, b, 100, Nanos(50), long).await));
+        assert!(held(store.reserve(key, b, 100, Nanos(40), long).await));
+        assert_eq!(store.held(key).await, Some(100));
+        // Nothing left, even for a free request.
+        assert!(!held(store.reserve(key, c, 100, Nanos(0), long).await));
+        // Settling to the real cost frees the difference; a failed request frees it all.
+        store.settle(key, a, Some(Nanos(25)), long).await;
+        store.settle(key, b, Some(Nanos(0)), long).await;
+        assert_eq!(store.held(key).await, Some(25));
+        // The ledger charged `a`: its hold goes; settling it again later changes nothing.
+        store.release(&[(key, a)]).await;
+        store.settle(key, a, Some(Nanos(25)), long).await;
+        assert_eq!(store.held(key).await, Some(0));
+        // An expired hold no longer counts.
+        let short = Duration::from_millis(1);
+        assert!(held(store.reserve(key, c, 100, Nanos(100), short).await));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(held(store.reserve(key, a, 100, Nanos(100), long).await));
+        cleanup(&store, key).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_reservations_fit_the_balance() {
+        let store = store().await;
+        let key = Uuid::now_v7();
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let hold = Duration::from_secs(60);
+                    let r = store.reserve(key, Uuid::now_v7(), 1_000, Nanos(70), hold);
+                    matches!(r.await, Reservation::Held)
+                })
+            })
+            .collect();
+        let mut held = 0;
+        for t in tasks {
+            held += usize::from(t.await.expect("task"));
+        }
+        assert_eq!(held, 14); // 14 × 70 = 980 ≤ 1000 < 15 × 70
+        assert_eq!(store.held(key).await, Some(980));
+        cleanup(&store, key).await;
+    }
+
+    #[tokio::test]
+    async fn limits_count_all_or_nothing() {
+        let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
+        let conn = client.get_connection_manager().await.expect("redis");
+        let ns = Namespace::new(&format!("t_{}", Uuid::now_v7().simple())).expect("ns");
+        let limiter = RateLimiter::with_window(Some(conn), ns, 60);
+        let rpm = |limit| Limit {
+            kind: "rpm",
+            subject: "key:k".into(),
+            limit,
+            cost: 1,
+        };
+        let tpm = |limit, cost| Limit {
+            kind: "tpm",
+            subject: "user:u".into(),
+            limit,
+            cost,
+        };
+        let allowed = |c: Checked| matches!(c, Checked::Allowed { .. });
+        // The start of a window, far in the past so no real counter collides.
+        let now = 120_000;
+        assert!(allowed(
+            limiter.check_all(&[rpm(2), tpm(100, 60)], now).await
+        ));
+        // The token limit refuses, so the request limit is not used up either.
+        assert_eq!(
+            limiter.check_all(&[rpm(2), tpm(100, 60)], now).await,
+            Checked::Limited {
+                index: 1,
+                retry_after: 60
+            }
+        );
+        assert!(allowed(
+            limiter.check_all(&[rpm(2), tpm(100, 40)], now).await
+        ));
+        assert_eq!(
+            limiter.check_all(&[rpm(2)], now + 1_000).await,
+            Checked::Limited {
+                index: 0,
+                retry_after: 59
+            }
+        );
+        // Half way through the next window, half of the previous one still counts: 1 + 1 ≤ 2.
+        assert!(allowed(limiter.check_all(&[rpm(2)], now + 90_000).await));
+        assert!(!allowed(limiter.check_all(&[rpm(2)], now + 90_000).await));
+    }
+}

@@ -1,0 +1,163 @@
+//! `/api/admin/prices`: the price history (GET) and setting a model's price from an
+//! instant on (PUT or POST), which appends a `PriceSet` event. The billing projector turns
+//! it into the `prices` read model, so requests are billed at the price in force when they
+//! happened, and the ingress picks it up for quota estimates at its next refresh.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+use schemas::config::PriceConfig;
+use schemas::events::{Event, PriceSet};
+use schemas::Nanos;
+
+use crate::accounts::{db_error, AccountError};
+use crate::auth::Admin;
+use crate::error::ApiError;
+use crate::routes::body::ApiJson;
+use crate::routes::keys::{usd, usd_opt};
+use crate::state::AppState;
+
+#[derive(Serialize, sqlx::FromRow)]
+pub struct PriceView {
+    model: String,
+    effective_at: DateTime<Utc>,
+    #[serde(serialize_with = "usd")]
+    input_per_mtok: i64,
+    #[serde(serialize_with = "usd")]
+    output_per_mtok: i64,
+    #[serde(serialize_with = "usd_opt")]
+    cached_input_per_mtok: Option<i64>,
+    #[serde(serialize_with = "usd")]
+    per_request: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceFilter {
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// Every price row, newest first per model.
+pub async fn list(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Query(filter): Query<PriceFilter>,
+) -> Result<Json<Value>, ApiError> {
+    let prices: Vec<PriceView> = sqlx::query_as(
+        "SELECT model, effective_at, input_per_mtok, output_per_mtok, cached_input_per_mtok, per_request
+         FROM prices WHERE ($1::text IS NULL OR model = $1)
+         ORDER BY model, effective_at DESC, position DESC",
+    )
+    .bind(&filter.model)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(db_error)?;
+    Ok(Json(json!({ "data": prices })))
+}
+
+/// `GET /api/prices` for any signed-in caller: the prices this gateway charges now (as
+/// its quota estimates see them; billing uses the price in force when a request ran).
+pub async fn current(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    // Any API key (with or without an owner) or session token may read prices.
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    if crate::jwt::looks_like_jwt(bearer) {
+        crate::accounts::resolve(&state, bearer).await?;
+    } else {
+        crate::auth::authenticate(&state.directory, &headers)?;
+    }
+    let usd = |n: Nanos| n.to_usd_string();
+    let data: Vec<Value> = state
+        .directory
+        .prices()
+        .into_iter()
+        .map(|(model, p)| {
+            json!({
+                "model": model,
+                "input_per_mtok": usd(p.input_per_mtok),
+                "output_per_mtok": usd(p.output_per_mtok),
+                "cached_input_per_mtok": p.cached_input_per_mtok.map(usd),
+                "per_request": usd(p.per_request),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "data": data })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPrice {
+    model: String,
+    /// USD per million tokens, decimal strings.
+    input_per_mtok: String,
+    output_per_mtok: String,
+    #[serde(default)]
+    cached_input_per_mtok: Option<String>,
+    /// USD per request.
+    #[serde(default)]
+    per_request: Option<String>,
+    /// Default: now.
+    #[serde(default)]
+    effective_at: Option<DateTime<Utc>>,
+}
+
+pub async fn set(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<SetPrice>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let model = body.model.trim().to_owned();
+    if model.is_empty() {
+        return Err(AccountError::invalid("model", "`model` is required").into());
+    }
+    let config = PriceConfig {
+        model: model.clone(),
+        input_per_mtok: body.input_per_mtok,
+        output_per_mtok: body.output_per_mtok,
+        cached_input_per_mtok: body.cached_input_per_mtok,
+        per_request: body.per_request,
+    };
+    let price = config
+        .to_price()
+        .map_err(|e| AccountError::invalid("price", e.to_string()))?;
+    let effective_at = body.effective_at.unwrap_or_else(Utc::now);
+    let event = Event::PriceSet(PriceSet {
+        model: model.clone(),
+        price,
+        effective_at,
+    });
+    let envelope = event.into_envelope(Utc::now(), schemas::events::Metadata::default());
+    let event_id = envelope.event_id;
+    // Money: unlike audit events, the answer waits for JetStream's ack and fails without it.
+    projector::bus::publish_event(&state.js, &state.ns, &envelope)
+        .await
+        .map_err(|_| ApiError::QueueUnavailable)?
+        .await
+        .map_err(|_| ApiError::QueueUnavailable)?;
+    let usd = |n: Nanos| n.to_usd_string();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "event_id": event_id,
+            "model": model,
+            "effective_at": effective_at,
+            "input_per_mtok": usd(price.input_per_mtok),
+            "output_per_mtok": usd(price.output_per_mtok),
+            "cached_input_per_mtok": price.cached_input_per_mtok.map(usd),
+            "per_request": usd(price.per_request),
+        })),
+    ))
+}

@@ -1,0 +1,101 @@
+//! `POST /v1/messages` (Anthropic-compatible, stream and not, `x-api-key` or Bearer) and
+//! `POST /v1/messages/count_tokens`.
+//!
+//! The flow is chat's (authenticate, validate, admit, queue, relay) with Anthropic's shapes
+//! at both ends: the worker already writes frames as Anthropic events (translating when the
+//! channel speaks another protocol), so this module only names the SSE events and renders
+//! errors as `{"type":"error","error":{"type","message"}}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::Value;
+
+use schemas::anthropic::{validate_messages, validate_messages_request};
+use schemas::work::Api;
+
+use crate::auth::authenticate;
+use crate::error::{anthropic_error_response, ApiError};
+use crate::request_id::RequestId;
+use crate::state::AppState;
+
+use super::named::{self, Surface};
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match create(&state, request_id, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => anthropic_error_response(&e.info()),
+    }
+}
+
+async fn create(
+    state: &Arc<AppState>,
+    request_id: uuid::Uuid,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state.directory, headers)?;
+    let (body, value) = named::read_json(state, body)?;
+    let view = validate_messages_request(&value)?;
+    // Anthropic streams always carry usage (`message_start`, `message_delta`).
+    let submission = named::Submission {
+        api: Api::Messages,
+        view: &view,
+        body: &body,
+        value: &value,
+        surface: Surface::Anthropic,
+        // Beta features (Claude Code turns several on) reach an Anthropic channel.
+        forward_headers: headers
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|v| ("anthropic-beta".to_owned(), v.to_owned()))
+            .collect(),
+    };
+    named::submit(state, request_id, &caller, submission).await
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, counted with Sluice's
+/// tokenizer (system, messages and tools), without calling an upstream.
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let counted = (|| {
+        authenticate(&state.directory, &headers)?;
+        let (_, value) = named::read_json(&state, body)?;
+        let model = value
+            .get("model")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| schemas::openai::InvalidRequest {
+                message: "model: Field required".into(),
+                param: Some("model".into()),
+            })?;
+        validate_messages(value.get("messages"))?;
+        let mut tokens = billing::estimate_prompt(model, &value);
+        if let Some(system) = value.get("system") {
+            let text = match system {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            tokens += billing::tokenizer::count_text(model, &text);
+        }
+        Ok::<_, ApiError>(tokens)
+    })();
+    match counted {
+        Ok(tokens) => Json(serde_json::json!({"input_tokens": tokens})).into_response(),
+        Err(e) => anthropic_error_response(&e.info()),
+    }
+}

@@ -1,0 +1,380 @@
+//! Channels end to end, every role a separate `sluice` process: the admin API creates,
+//! changes, tests and deletes channels (secrets sealed, never returned, every change
+//! audited) and running workers pick the changes up without a restart; a ban started by
+//! one worker process is honoured by another.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
+use mock_upstream::{MockConfig, MockUpstream};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const PROVIDER_KEY: &str = "sk-provider-secret-0123456789";
+
+async fn call(
+    stack: &Stack,
+    method: Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value, String) {
+    let mut req = stack.http.request(method, format!("{}{path}", stack.base));
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+async fn admin(
+    stack: &Stack,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value, String) {
+    call(stack, method, path, Some(ADMIN_TOKEN), body).await
+}
+
+async fn chat_status(stack: &Stack, model: &str) -> StatusCode {
+    stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.base))
+        .bearer_auth(KEY)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Polls until a chat for `model` answers `want` (config changes apply within the 2 s
+/// refresh); fails after 20 s.
+async fn until_chat(stack: &Stack, model: &str, want: StatusCode) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = chat_status(stack, model).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "chat for {model} still answers {got}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn mock(config: MockConfig) -> MockUpstream {
+    MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn admin_manages_channels_and_workers_follow_without_restart() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let second = mock(MockConfig {
+        require_key: Some(PROVIDER_KEY.to_owned()),
+        ..MockConfig::default()
+    })
+    .await;
+    let new_channel = json!({
+        "name": "second",
+        "type": "openai",
+        "base_url": second.base_url(),
+        "api_key": PROVIDER_KEY,
+        "models": ["only-second"],
+        "model_map": {"only-second": "upstream-second"},
+        "priority": 1,
+        "weight": 2,
+    });
+
+    // Admin rights only.
+    let (status, _, _) = call(&stack, Method::GET, "/api/admin/channels", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = call(&stack, Method::GET, "/api/admin/channels", Some(KEY), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = call(
+        &stack,
+        Method::POST,
+        "/api/admin/channels",
+        Some(KEY),
+        Some(new_channel.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Create: the key is sealed at rest and never shown.
+    let (status, created, text) = admin(
+        &stack,
+        Method::POST,
+        "/api/admin/channels",
+        Some(new_channel.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    assert!(!text.contains(PROVIDER_KEY), "{text}");
+    assert_eq!(created["has_api_key"], true);
+    assert_eq!(created["weight"], 2);
+    assert_eq!(created["source"], "api");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let sealed: String =
+        sqlx::query_scalar("SELECT api_key_sealed FROM channels WHERE name = 'second'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert!(!sealed.contains(PROVIDER_KEY));
+
+    let (status, list, text) = admin(&stack, Method::GET, "/api/admin/channels", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!text.contains(PROVIDER_KEY), "{text}");
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mock-main", "second"]);
+    let (status, one, _) = admin(
+        &stack,
+        Method::GET,
+        &format!("/api/admin/channels/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["model_map"], json!({"only-second": "upstream-second"}));
+
+    // Bad input is a 400 naming the field, a duplicate name a 409, an unknown id a 404.
+    for (body, param) in [
+        (
+            json!({"name": "x", "type": "nope", "models": ["m"]}),
+            "type",
+        ),
+        (
+            json!({"name": "x", "type": "openai", "models": []}),
+            "models",
+        ),
+        (
+            json!({"name": "x", "type": "openai", "models": ["m"], "weight": 0}),
+            "weight",
+        ),
+        (
+            json!({"name": " ", "type": "openai", "models": ["m"]}),
+            "name",
+        ),
+        (
+            json!({"name": "x", "type": "openai", "models": ["m"], "base_url": "ftp://x"}),
+            "base_url",
+        ),
+        (
+            json!({"name": "x", "type": "openai", "models": ["m"], "model_map": {"z": "y"}}),
+            "model_map",
+        ),
+    ] {
+        let (status, err, text) =
+            admin(&stack, Method::POST, "/api/admin/channels", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert_eq!(err["error"]["param"], param, "{text}");
+    }
+    let (status, _, text) = admin(
+        &stack,
+        Method::POST,
+        "/api/admin/channels",
+        Some(json!({"name": "x", "type": "openai", "models": ["m"], "secret": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let (status, err, _) = admin(
+        &stack,
+        Method::POST,
+        "/api/admin/channels",
+        Some(new_channel),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(err["error"]["code"], "conflict");
+    for path in [
+        format!("/api/admin/channels/{}", uuid::Uuid::now_v7()),
+        "/api/admin/channels/not-a-uuid".to_owned(),
+    ] {
+        let (status, _, _) = admin(&stack, Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    // Running workers route to it (with the opened key) without a restart.
+    until_chat(&stack, "only-second", StatusCode::OK).await;
+
+    // The test call reports latency, or the error.
+    let test_path = format!("/api/admin/channels/{id}/test");
+    let (status, report, text) = admin(&stack, Method::POST, &test_path, None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(report["ok"], true, "{text}");
+    assert!(report["latency_ms"].is_u64());
+    assert_eq!(report["upstream_model"], "upstream-second");
+    let (status, changed, text) = admin(
+        &stack,
+        Method::PATCH,
+        &format!("/api/admin/channels/{id}"),
+        Some(json!({"api_key": "sk-wrong-key", "priority": 3})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(changed["priority"], 3);
+    assert!(!text.contains("sk-wrong-key"));
+    let (_, report, text) = admin(&stack, Method::POST, &test_path, None).await;
+    assert_eq!(report["ok"], false, "{text}");
+    assert_eq!(report["error"]["status"], 401, "{text}");
+    assert_eq!(report["error"]["kind"], "auth", "{text}");
+    admin(
+        &stack,
+        Method::PATCH,
+        &format!("/api/admin/channels/{id}"),
+        Some(json!({"api_key": PROVIDER_KEY})),
+    )
+    .await;
+
+    // Disable takes it out of routing and the model list; enable puts it back.
+    let (status, off, _) = admin(
+        &stack,
+        Method::POST,
+        &format!("/api/admin/channels/{id}/disable"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(off["enabled"], false);
+    // The model still exists (a channel lists it) but nothing serves it: 503, not 404.
+    until_chat(&stack, "only-second", StatusCode::SERVICE_UNAVAILABLE).await;
+    let (status, on, _) = admin(
+        &stack,
+        Method::POST,
+        &format!("/api/admin/channels/{id}/enable"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(on["enabled"], true);
+    until_chat(&stack, "only-second", StatusCode::OK).await;
+
+    // Delete.
+    let (status, _, _) = admin(
+        &stack,
+        Method::DELETE,
+        &format!("/api/admin/channels/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = admin(
+        &stack,
+        Method::GET,
+        &format!("/api/admin/channels/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = admin(
+        &stack,
+        Method::DELETE,
+        &format!("/api/admin/channels/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    until_chat(&stack, "only-second", StatusCode::NOT_FOUND).await;
+    assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
+
+    // Every change is in the audit log, without the secret.
+    stack.wait_projected("ChannelDeleted", 1).await;
+    let audit: Vec<(String, String)> = sqlx::query_as(
+        "SELECT type, data::text FROM event_log WHERE stream = $1 ORDER BY position",
+    )
+    .bind(format!(
+        "config-{}",
+        uuid::Uuid::parse_str(&id).unwrap().simple()
+    ))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    let types: Vec<&str> = audit.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "ChannelConfigured", // create
+            "ChannelConfigured", // wrong key
+            "ChannelConfigured", // right key
+            "ChannelConfigured", // disable
+            "ChannelConfigured", // enable
+            "ChannelDeleted"
+        ]
+    );
+    assert!(audit.iter().all(|(_, data)| !data.contains(PROVIDER_KEY)));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_ban_by_one_worker_process_is_honoured_by_another() {
+    let backup = mock(MockConfig::default()).await;
+    let mut stack = Stack::start(StackOptions {
+        extra_channels: format!(
+            "  - name: backup\n    type: openai\n    base_url: {}\n    models: [{MODEL}]\n    priority: 2\n",
+            backup.base_url()
+        ),
+        ..StackOptions::default()
+    })
+    .await;
+    // The priority-1 channel fails: three failures in a row ban it (for 60 s).
+    stack.mock.set_config(MockConfig {
+        fail_status: Some(500),
+        ..MockConfig::default()
+    });
+    for _ in 0..3 {
+        assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
+    }
+    assert_eq!(stack.mock.stats().requests_total, 3);
+    assert_eq!(backup.stats().requests_total, 3);
+
+    // A second worker process starts; the first stops. Only the shared health bucket
+    // can tell the new one about the ban.
+    let child = stack.command("worker").spawn().expect("spawn worker");
+    stack.roles.insert("worker2", child);
+    stack.terminate("worker");
+    for _ in 0..10 {
+        assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
+    }
+    assert_eq!(
+        stack.mock.stats().requests_total,
+        3,
+        "the banned channel got traffic"
+    );
+    assert_eq!(backup.stats().requests_total, 13);
+
+    // Operators see the ban in the channel list.
+    let (status, list, _) = admin(&stack, Method::GET, "/api/admin/channels", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let channels = list["data"].as_array().unwrap();
+    let main = channels.iter().find(|c| c["name"] == "mock-main").unwrap();
+    assert!(main["health"]["banned_until"].is_string(), "{main}");
+    assert_eq!(main["health"]["ban_kind"], "upstream5xx");
+    let backup_view = channels.iter().find(|c| c["name"] == "backup").unwrap();
+    assert!(
+        backup_view["health"]["banned_until"].is_null(),
+        "{backup_view}"
+    );
+    stack.wait_projected("ChannelBanned", 1).await;
+    stack.stop().await;
+}
