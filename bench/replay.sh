@@ -33,7 +33,23 @@ cleanup() {
   else
     echo "psql not found: drop the schemas ${SLUICE_NAMESPACE}* by hand" >&2
   fi
+  delete_streams || true
   rm -f "$config" "${timing:-}" "${summary:-}"
+}
+
+# `sluice migrate` created the namespace's JetStream streams; delete them over the plain
+# NATS protocol (no CLI needed), waiting for the server's answers before closing.
+delete_streams() {
+  local hostport=${SLUICE_NATS_URL:-nats://127.0.0.1:4222}
+  hostport=${hostport#nats://}
+  exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}" || return 0
+  printf 'CONNECT {"verbose":false}\r\nSUB _INBOX.replay_bench 1\r\n' >&3
+  for kind in REQUESTS CHUNKS EVENTS; do
+    printf 'PUB $JS.API.STREAM.DELETE.%s_%s _INBOX.replay_bench 0\r\n\r\n' "${SLUICE_NAMESPACE^^}" "$kind" >&3
+  done
+  printf 'PING\r\n' >&3
+  timeout 5 grep -a -m1 -q PONG <&3 || true
+  exec 3>&-
 }
 trap cleanup EXIT
 

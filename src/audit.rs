@@ -56,7 +56,11 @@ struct Difference {
     detail: serde_json::Value,
 }
 
-pub async fn run(settings: &Settings, args: AuditArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    args: AuditArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let live = settings.namespace.clone();
     let live_pool = crate::roles::pool(settings, 4, true).await?;
     let name = replay::scratch_name(&live, "a", Utc::now())?;
@@ -117,7 +121,8 @@ async fn audit(
     }
     let mut out = Vec::new();
     for (table, key) in TABLES {
-        for diff in replay::diff_table(&mut tx, live, &scratch.schema, table, key, MAX_ROWS).await? {
+        for diff in replay::diff_table(&mut tx, live, &scratch.schema, table, key, MAX_ROWS).await?
+        {
             out.push(difference(table, diff));
         }
     }
@@ -180,20 +185,30 @@ fn print(report: &Report, json: bool, kept: bool) -> anyhow::Result<()> {
                         .as_object()
                         .map(|m| {
                             m.iter()
-                                .map(|(c, v)| format!("{c}: live {} / rebuilt {}", plain(&v[0]), plain(&v[1])))
+                                .map(|(c, v)| {
+                                    format!("{c}: live {} / rebuilt {}", plain(&v[0]), plain(&v[1]))
+                                })
                                 .collect::<Vec<_>>()
                                 .join("; ")
                         })
                         .unwrap_or_default();
                     writeln!(out, "  {} {}: {cols}", d.table, d.key)?;
                 }
-                "only_live" => writeln!(out, "  {} {}: in the live table only (not explained by the log)", d.table, d.key)?,
+                "only_live" => writeln!(
+                    out,
+                    "  {} {}: in the live table only (not explained by the log)",
+                    d.table, d.key
+                )?,
                 _ => writeln!(out, "  {} {}: missing from the live table", d.table, d.key)?,
             }
         }
     }
     if kept {
-        writeln!(out, "rebuilt read model kept in schema `{}`", report.scratch_schema)?;
+        writeln!(
+            out,
+            "rebuilt read model kept in schema `{}`",
+            report.scratch_schema
+        )?;
     }
     Ok(())
 }

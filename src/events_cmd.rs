@@ -83,7 +83,11 @@ pub enum Format {
     Csv,
 }
 
-pub async fn run(settings: &Settings, args: EventsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    args: EventsArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match args.command {
         EventsCommand::Tail {
             event_type,
@@ -129,13 +133,19 @@ async fn tail(
     let ns = &settings.namespace;
     let client = crate::roles::nats(settings, "events-tail").await?;
     let js = async_nats::jetstream::new(client);
-    let events = js
-        .get_stream(ns.events_stream())
-        .await
-        .with_context(|| format!("cannot open stream {} (run `sluice migrate`?)", ns.events_stream()))?;
+    let events = js.get_stream(ns.events_stream()).await.with_context(|| {
+        format!(
+            "cannot open stream {} (run `sluice migrate`?)",
+            ns.events_stream()
+        )
+    })?;
     let consumer = events
         .create_consumer(OrderedConfig {
-            deliver_policy: if all { DeliverPolicy::All } else { DeliverPolicy::New },
+            deliver_policy: if all {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::New
+            },
             filter_subject: match &stream {
                 Some(s) => ns.event_subject(s),
                 None => ns.events_wildcard(),

@@ -95,13 +95,20 @@ pub struct Summary {
     pub repricing: Option<Repricing>,
 }
 
-pub async fn run(settings: &Settings, args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    args: ReplayArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let live = settings.namespace.clone();
     let live_pool = crate::roles::pool(settings, 4, true).await?;
     let book = match &args.prices {
         Some(path) => {
             if args.projector != ProjectorKind::Billing {
-                bail!("--prices re-prices billing; it does not apply to the `{}` projector", args.projector.name());
+                bail!(
+                    "--prices re-prices billing; it does not apply to the `{}` projector",
+                    args.projector.name()
+                );
             }
             Some(read_prices(path)?)
         }
@@ -140,7 +147,10 @@ pub async fn run(settings: &Settings, args: ReplayArgs, shutdown: CancellationTo
         from = projector::checkpoint(&scratch.pool, args.projector.name())
             .await?
             .unwrap_or(0);
-        eprintln!("resuming the replay in `{}` from position {from}", scratch.schema);
+        eprintln!(
+            "resuming the replay in `{}` from position {from}",
+            scratch.schema
+        );
     }
     let started = Instant::now();
     // Fresh statistics keep the log reads on their primary-key plans after a bulk load
@@ -165,7 +175,9 @@ pub async fn run(settings: &Settings, args: ReplayArgs, shutdown: CancellationTo
     let elapsed = started.elapsed().as_secs_f64();
     let interrupted = done.position < until && shutdown.is_cancelled();
     let events = if interrupted {
-        replay::log_span(&live_pool, &live, from, done.position).await?.1
+        replay::log_span(&live_pool, &live, from, done.position)
+            .await?
+            .1
     } else {
         events_in_range
     };
@@ -178,13 +190,25 @@ pub async fn run(settings: &Settings, args: ReplayArgs, shutdown: CancellationTo
         position: done.position,
         events,
         elapsed_seconds: elapsed,
-        events_per_second: if elapsed > 0.0 { events as f64 / elapsed } else { 0.0 },
+        events_per_second: if elapsed > 0.0 {
+            events as f64 / elapsed
+        } else {
+            0.0
+        },
         interrupted,
         repricing: None,
     };
     if interrupted {
         // The live read models were never touched: an in-place claim is dropped unused.
         print_summary(&summary, args.json)?;
+        if args.in_place {
+            scratch.drop_schema().await?;
+            bail!(
+                "interrupted at position {}; the live read models are untouched (run the \
+                 in-place replay again to rebuild them)",
+                done.position
+            );
+        }
         bail!(
             "interrupted at position {}; the live read models are untouched. Resume with \
              `sluice replay {} --into {}`",
@@ -199,7 +223,8 @@ pub async fn run(settings: &Settings, args: ReplayArgs, shutdown: CancellationTo
         summary.position = position;
         scratch.drop_schema().await?;
     } else if book.is_some() {
-        summary.repricing = Some(compare_prices(&live_pool, &live, &scratch.schema, from, until).await?);
+        summary.repricing =
+            Some(compare_prices(&live_pool, &live, &scratch.schema, from, until).await?);
     }
     print_summary(&summary, args.json)
 }
@@ -214,7 +239,9 @@ pub async fn fold<P: Projection>(
     progress: &mut Progress,
 ) -> anyhow::Result<CatchUp> {
     let done = scratch
-        .replay(live, projection, until, stop, &mut |batch| progress.update(batch.position))
+        .replay(live, projection, until, stop, &mut |batch| {
+            progress.update(batch.position)
+        })
         .await?;
     Ok(done)
 }
@@ -231,12 +258,16 @@ fn read_prices(path: &PathBuf) -> anyhow::Result<PriceBook> {
 }
 
 /// `--until`: a position, or an RFC 3339 time meaning the log as recorded by then.
-async fn resolve_until(pool: &PgPool, live: &Namespace, until: Option<&str>) -> anyhow::Result<i64> {
+async fn resolve_until(
+    pool: &PgPool,
+    live: &Namespace,
+    until: Option<&str>,
+) -> anyhow::Result<i64> {
     match until {
         None => Ok(projector::replay::log_span(pool, live, 0, 0).await?.0),
-        Some(s) if s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().with_context(|| format!("--until {s}: not a position"))
-        }
+        Some(s) if s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse()
+            .with_context(|| format!("--until {s}: not a position")),
         Some(s) => {
             let at = DateTime::parse_from_rfc3339(s)
                 .with_context(|| format!("--until {s}: neither a position nor an RFC 3339 time"))?;
@@ -354,7 +385,11 @@ fn print_summary(s: &Summary, json: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    let what = if s.in_place { "rebuilt live" } else { "replayed into" };
+    let what = if s.in_place {
+        "rebuilt live"
+    } else {
+        "replayed into"
+    };
     writeln!(
         out,
         "{} {what} `{}`: positions {}..={} ({} events) in {:.1} s, {:.0} events/s{}",
@@ -368,9 +403,17 @@ fn print_summary(s: &Summary, json: bool) -> anyhow::Result<()> {
         if s.interrupted { " (interrupted)" } else { "" }
     )?;
     if let Some(r) = &s.repricing {
-        writeln!(out, "\nre-priced vs billed, positions {}..={} (USD):", s.from, r.compared_through)?;
+        writeln!(
+            out,
+            "\nre-priced vs billed, positions {}..={} (USD):",
+            s.from, r.compared_through
+        )?;
         for (title, lines) in [("model", &r.by_model), ("key", &r.by_key)] {
-            writeln!(out, "\n{title:<38} {:>9} {:>16} {:>16} {:>16}", "requests", "billed", "re-priced", "difference")?;
+            writeln!(
+                out,
+                "\n{title:<38} {:>9} {:>16} {:>16} {:>16}",
+                "requests", "billed", "re-priced", "difference"
+            )?;
             for l in lines.iter().chain(std::iter::once(&r.total)) {
                 writeln!(
                     out,

@@ -12,7 +12,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use common::{sluice_bin, Stack, StackOptions, DATABASE_URL, MODEL, NATS_URL};
+use common::{sluice_bin, Stack, StackOptions, ADMIN_TOKEN, DATABASE_URL, MODEL, NATS_URL};
 use schemas::events::{CreditGranted, Metadata, PriceSet, RequestAccepted};
 use schemas::work::Api;
 use schemas::{Envelope, Event, Namespace, Nanos, Price};
@@ -74,12 +74,17 @@ async fn replay_from_zero_equals_live_and_repricing_doubles_the_output_part() {
     // Billing and requests, replayed from 0 into scratch schemas, equal the live read
     // models row for row.
     let billing_into = format!("{live}_rb");
-    let (out, stdout) = output(
-        stack
-            .command("replay")
-            .args(["billing", "--into", &billing_into, "--json"]),
+    let (out, stdout) =
+        output(
+            stack
+                .command("replay")
+                .args(["billing", "--into", &billing_into, "--json"]),
+        );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_str(&stdout).unwrap();
     let head: i64 = sqlx::query_scalar("SELECT max(position) FROM event_log")
         .fetch_one(&stack.pool)
@@ -99,7 +104,11 @@ async fn replay_from_zero_equals_live_and_repricing_doubles_the_output_part() {
             .command("replay")
             .args(["requests", "--into", &requests_into]),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         rows(&stack.pool, &live, "requests", "request_id").await,
         rows(&stack.pool, &requests_into, "requests", "request_id").await
@@ -121,7 +130,11 @@ async fn replay_from_zero_equals_live_and_repricing_doubles_the_output_part() {
         prices.to_str().unwrap(),
         "--json",
     ]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: Value = serde_json::from_str(&stdout).unwrap();
     let pairs: Vec<(i64, i64, i64, i64)> = sqlx::query_as(&format!(
         "SELECT l.position, l.completion_tokens, l.amount_nanos, r.amount_nanos \
@@ -137,7 +150,11 @@ async fn replay_from_zero_equals_live_and_repricing_doubles_the_output_part() {
         assert!(*completion > 0);
         // 0.60 USD per million output tokens is 600 nano-USD per token.
         let output_part = completion * 600;
-        assert_eq!(*repriced, billed + output_part, "charge at position {position}");
+        assert_eq!(
+            *repriced,
+            billed + output_part,
+            "charge at position {position}"
+        );
         expected_difference += output_part;
     }
     let total = &summary["repricing"]["total"];
@@ -159,7 +176,66 @@ async fn replay_from_zero_equals_live_and_repricing_doubles_the_output_part() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_passes_on_a_clean_log_and_names_a_tampered_ledger_row() {
     let stack = Stack::start(StackOptions::default()).await;
+    // `events tail` follows JetStream live: it sees the completions as they happen.
+    let mut tail = stack
+        .command("events")
+        // `--all`: from the stream's start, so no event is missed while it connects.
+        .args(["tail", "--all", "--type", "CompletionFinished"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tail_out = tail.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(tail_out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     traffic(&stack, 3).await;
+    for _ in 0..3 {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a tailed event");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["type"], "CompletionFinished");
+        assert!(event["position"].as_u64().unwrap() > 0);
+        assert_eq!(event["data"]["model"], MODEL);
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+
+    // Caught up: both projectors at the head, no lag.
+    let url = format!("{}/api/admin/projections", stack.base);
+    let resp = stack.http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = stack
+        .http
+        .get(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let lag: Value = resp.json().await.unwrap();
+    let head = lag["head"]["position"].as_i64().unwrap();
+    assert!(head > 0);
+    for name in ["billing", "requests"] {
+        let p = lag["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} listed: {lag}"));
+        assert_eq!(p["position"], head, "{lag}");
+        assert_eq!(p["lag_events"], 0);
+        assert_eq!(p["lag_seconds"], 0.0);
+    }
 
     let (out, stdout) = output(&mut stack.command("audit"));
     assert!(
@@ -186,13 +262,17 @@ async fn audit_passes_on_a_clean_log_and_names_a_tampered_ledger_row() {
         .expect("the ledger row is named");
     assert_eq!(ledger["key"], format!("position={position}"));
     assert_eq!(ledger["kind"], "changed");
-    let [live, rebuilt] = [&ledger["detail"]["amount_nanos"][0], &ledger["detail"]["amount_nanos"][1]];
+    let [live, rebuilt] = [
+        &ledger["detail"]["amount_nanos"][0],
+        &ledger["detail"]["amount_nanos"][1],
+    ];
     assert_eq!(live.as_i64().unwrap(), rebuilt.as_i64().unwrap() + 7);
     // The human-readable form names it too.
     let (out, stdout) = output(&mut stack.command("audit"));
     assert!(!out.status.success());
     assert!(
-        stdout.contains(&format!("ledger_entries position={position}")) && stdout.contains("amount_nanos"),
+        stdout.contains(&format!("ledger_entries position={position}"))
+            && stdout.contains("amount_nanos"),
         "{stdout}"
     );
     // Scratch schemas are dropped afterwards.
@@ -253,7 +333,9 @@ impl Scratch {
                 drop_schema(&self.pool, &schema).await;
             }
         }
-        projector::db::drop_schema(&self.pool, &self.ns).await.unwrap();
+        projector::db::drop_schema(&self.pool, &self.ns)
+            .await
+            .unwrap();
         let _ = std::fs::remove_file(&self.config);
     }
 }
@@ -292,9 +374,16 @@ async fn export_of_a_time_range_holds_exactly_its_events() {
         log.push((i + 1, event.into_envelope(at, Metadata::default())));
     }
     projector::append_batch(&db.pool, &log).await.unwrap();
-    let (since, until) = (t0() + chrono::Duration::minutes(5), t0() + chrono::Duration::minutes(12));
+    let (since, until) = (
+        t0() + chrono::Duration::minutes(5),
+        t0() + chrono::Duration::minutes(12),
+    );
     let in_range = |e: &Envelope| e.occurred_at >= since && e.occurred_at < until;
-    let expected: Vec<i64> = log.iter().filter(|(_, e)| in_range(e)).map(|(p, _)| *p).collect();
+    let expected: Vec<i64> = log
+        .iter()
+        .filter(|(_, e)| in_range(e))
+        .map(|(p, _)| *p)
+        .collect();
     assert!(expected.len() >= 5);
 
     let (out, stdout) = output(&mut db.sluice(&[
@@ -307,9 +396,19 @@ async fn export_of_a_time_range_holds_exactly_its_events() {
         "--format",
         "jsonl",
     ]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let got: Vec<i64> = lines.iter().map(|l| l["position"].as_i64().unwrap()).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<i64> = lines
+        .iter()
+        .map(|l| l["position"].as_i64().unwrap())
+        .collect();
     assert_eq!(got, expected);
     for line in &lines {
         let (_, env) = &log[(line["position"].as_i64().unwrap() - 1) as usize];
@@ -334,7 +433,11 @@ async fn export_of_a_time_range_holds_exactly_its_events() {
         "--out",
         file.to_str().unwrap(),
     ]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut reader = csv::Reader::from_path(&file).unwrap();
     let positions: Vec<i64> = reader
         .records()
@@ -364,7 +467,11 @@ async fn billing_snapshot(pool: &PgPool, schema: &str) -> Vec<Vec<Value>> {
 async fn an_interrupted_in_place_replay_leaves_the_live_read_models_untouched() {
     let db = Scratch::new().await;
     let (out, _) = output(&mut db.sluice(&["events", "synth", "--count", "100000"]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The live read model, built by the live projector's code.
     let mut live = billing::BillingProjection::new(None);
     projector::Runner::new(db.pool.clone())
@@ -379,7 +486,11 @@ async fn an_interrupted_in_place_replay_leaves_the_live_read_models_untouched() 
     let runner = projector::Runner::new(db.pool.clone());
     let live_task = {
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { runner.run(billing::BillingProjection::new(None), shutdown).await })
+        tokio::spawn(async move {
+            runner
+                .run(billing::BillingProjection::new(None), shutdown)
+                .await
+        })
     };
     // Wait until it holds its live-instance lock (bigint key: objid is the low 32 bits).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -395,14 +506,20 @@ async fn an_interrupted_in_place_replay_leaves_the_live_read_models_untouched() 
         if held {
             break;
         }
-        assert!(Instant::now() < deadline, "the live projector never started");
+        assert!(
+            Instant::now() < deadline,
+            "the live projector never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (out, _) = output(&mut db.sluice(&["replay", "billing", "--in-place"]));
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "refused while the live projector runs");
+        assert!(
+            !out.status.success(),
+            "refused while the live projector runs"
+        );
         if stderr.contains("is running") {
             break;
         }
@@ -455,7 +572,10 @@ async fn an_interrupted_in_place_replay_leaves_the_live_read_models_untouched() 
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an interrupted replay exits non-zero");
+    assert!(
+        !out.status.success(),
+        "an interrupted replay exits non-zero"
+    );
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(
         billing_snapshot(&db.pool, db.ns.as_str()).await,
@@ -484,13 +604,22 @@ async fn synth_refuses_a_namespace_with_real_traffic() {
         effective_at: t0(),
     })
     .into_envelope(t0(), Metadata::default());
-    projector::append_batch(&db.pool, &[(1, price), (2, real)]).await.unwrap();
+    projector::append_batch(&db.pool, &[(1, price), (2, real)])
+        .await
+        .unwrap();
     let (out, _) = output(&mut db.sluice(&["events", "synth", "--count", "10"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("real request events"));
     let (out, _) = output(&mut db.sluice(&["events", "synth", "--count", "10", "--force"]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log").fetch_one(&db.pool).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(n, 12);
     db.cleanup().await;
 }

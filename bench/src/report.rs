@@ -187,6 +187,19 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
+        "All-together CPU = {}. Idle background subtracted: machine {:.1} ms/s, the stack's processes {:.1} ms/s.",
+        if report.machine_quiet {
+            "machine-wide busy time (/proc/stat) − this benchmark − the mock − the idle background"
+        } else {
+            "the sum over the stack's processes and the NATS/Postgres/Redis servers (the machine was busy with \
+             other work, so the machine-wide figure is not used)"
+        },
+        report.idle.machine_us_per_s / 1000.0,
+        report.idle.by_process_total() / 1000.0
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
         "CPU per request, µs (gateway phase unless marked direct):"
     );
     let _ = writeln!(s);
@@ -209,7 +222,13 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(s, "|{}", "---|".repeat(cols.len() + 7));
     for r in &report.scenarios {
         let b = &r.gateway_breakdown_us_per_req;
-        let get = |k: &str| b.get(k).copied().unwrap_or(f64::NAN);
+        // Machine-wide figures (and "other", derived from them) mean nothing when the
+        // machine was busy with other work: shown as "–" then.
+        let quiet = report.machine_quiet;
+        let get = |k: &str| match k {
+            "other" if !quiet => f64::NAN,
+            _ => b.get(k).copied().unwrap_or(f64::NAN),
+        };
         let middle: Vec<String> = cols.iter().map(|c| f0(get(c))).collect();
         let _ = writeln!(
             s,
@@ -220,7 +239,11 @@ pub fn markdown(report: &Report) -> String {
             middle.join(" | "),
             f0(get("mock")),
             f0(r.all_cpu_attributed_us_per_req),
-            f0(r.all_cpu_machine_us_per_req),
+            f0(if quiet {
+                r.all_cpu_machine_us_per_req
+            } else {
+                f64::NAN
+            }),
             f2(r.cpu_ratio_to_mock),
         );
     }

@@ -72,10 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(routes::messages::messages))
         .route("/v1/responses", post(routes::responses::responses))
         .route("/v1/embeddings", post(routes::responses::embeddings))
-        .route(
-            "/v1/images/generations",
-            post(routes::responses::images),
-        )
+        .route("/v1/images/generations", post(routes::responses::images))
         .route(
             "/v1/messages/count_tokens",
             post(routes::messages::count_tokens),
@@ -84,7 +81,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(routes::models::get))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
-        .route("/api/admin/projections", get(routes::admin_projections::list))
+        .route(
+            "/api/admin/projections",
+            get(routes::admin_projections::list),
+        )
         .merge(routes::api::router())
         .merge(routes::admin_channels::router())
         .fallback(|| async { ApiError::NotFound })

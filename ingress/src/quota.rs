@@ -16,6 +16,14 @@
 //! it. The short expiry is only a safety net for a request the ledger never charges.
 //!
 //! Redis down: the projected balance alone decides (no holds), with a warning.
+//!
+//! Known bounds: with several ingresses, one may release a hold (its refresh saw the
+//! ledger row) up to one refresh interval before another's snapshot includes that charge,
+//! so for that interval the other undercounts by the charge. A request that uses more than
+//! its estimate (no `max_tokens` and a longer answer than the default budget) overspends by
+//! the difference. A restarted ingress does not release holds of charges it never saw;
+//! they expire (conservative: the key is under-admitted until then). Requests refused for
+//! quota still count against RPM/TPM.
 
 use chrono::Utc;
 use redis::aio::ConnectionManager;
@@ -250,7 +258,9 @@ impl Hold {
     /// `Error` as the very first frame nothing was produced, so the hold is dropped;
     /// a later error keeps the estimate until the ledger decides.
     pub async fn finish(mut self, frame: &Frame) {
-        let Some(inner) = self.0.take() else { return };
+        let Some(mut inner) = self.0.take() else {
+            return;
+        };
         match frame.kind {
             FrameKind::Done => {
                 let Ok(done) = serde_json::from_str::<DoneData>(frame.data.get()) else {
@@ -263,9 +273,11 @@ impl Hold {
                     .max(done.usage.prompt_tokens + done.usage.completion_tokens);
                 let delta = i64::try_from(total).unwrap_or(i64::MAX)
                     - i64::try_from(inner.tpm_counted).unwrap_or(i64::MAX);
-                inner.limiter.adjust(&inner.tpm_counters, delta).await;
                 let cost = inner.price.map_or(Nanos::ZERO, |p| p.cost(&done.usage));
-                inner.settle(Some(cost)).await;
+                let limiter = inner.limiter.clone();
+                let counters = std::mem::take(&mut inner.tpm_counters);
+                // Both go out together on the multiplexed connection: one round trip.
+                tokio::join!(limiter.adjust(&counters, delta), inner.settle(Some(cost)));
             }
             FrameKind::Error if frame.seq <= 1 => inner.settle(Some(Nanos::ZERO)).await,
             _ => inner.settle(None).await,
@@ -330,21 +342,30 @@ impl std::fmt::Debug for HoldStore {
     }
 }
 
-// KEYS[1] holds (request id → nanos), KEYS[2] expiries (request id scored by ms).
-// ARGV: now ms, remaining, estimate, request id, expiry ms, idle TTL ms.
-// Returns 1 and holds the estimate if the balance covers it, else 0.
+// The holds of a key: a hash of request id → nanos plus a running total in its field
+// `_sum` (so admission is O(1), not a sum over every request in flight), and a sorted set
+// of request ids scored by expiry (ms). Amounts stay integers (HINCRBY) below 2^53.
+
+// KEYS[1] holds, KEYS[2] expiries. ARGV: now ms, remaining, estimate, request id, expiry ms,
+// idle TTL ms. Returns 1 and holds the estimate if the balance covers it, else 0.
 static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, id in ipairs(expired) do redis.call('HDEL', KEYS[1], id) end
+for _, id in ipairs(expired) do
+  local v = redis.call('HGET', KEYS[1], id)
+  if v then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('HINCRBY', KEYS[1], '_sum', -tonumber(v))
+  end
+end
 if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1]) end
-local held = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do held = held + tonumber(v) end
+local held = tonumber(redis.call('HGET', KEYS[1], '_sum') or '0')
 local left = tonumber(ARGV[2]) - held
 local est = tonumber(ARGV[3])
 if left <= 0 or left < est then return 0 end
 redis.call('HSET', KEYS[1], ARGV[4], ARGV[3])
+redis.call('HINCRBY', KEYS[1], '_sum', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
@@ -358,15 +379,37 @@ return 1
 static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
 if ARGV[2] == '0' then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HINCRBY', KEYS[1], '_sum', -tonumber(old))
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 1
 end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], '_sum', tonumber(ARGV[2]) - tonumber(old))
+end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
+",
+    )
+});
+
+// KEYS: holds and expiries of each pair; ARGV: the request id of each pair.
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i = 1, #ARGV do
+  local v = redis.call('HGET', KEYS[2*i-1], ARGV[i])
+  if v then
+    redis.call('HDEL', KEYS[2*i-1], ARGV[i])
+    redis.call('HINCRBY', KEYS[2*i-1], '_sum', -tonumber(v))
+  end
+  redis.call('ZREM', KEYS[2*i], ARGV[i])
+end
+return 0
 ",
     )
 });
@@ -454,15 +497,19 @@ impl HoldStore {
     /// Drops the holds of `(key_id, request_id)` pairs (charged by the ledger, or never queued).
     pub async fn release(&self, pairs: &[(Uuid, Uuid)]) {
         let Some(redis) = &self.redis else { return };
-        let mut pipe = redis::pipe();
-        for (key_id, request_id) in pairs {
-            let (holds, expiries) = self.keys(*key_id);
-            let id = request_id.simple().to_string();
-            pipe.hdel(holds, &id).ignore().zrem(expiries, &id).ignore();
-        }
-        let mut conn = redis.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            self.failed(&e);
+        // In batches, so one refresh after a backlog does not build one giant script call.
+        for chunk in pairs.chunks(500) {
+            let mut invocation = RELEASE.prepare_invoke();
+            for (key_id, request_id) in chunk {
+                let (holds, expiries) = self.keys(*key_id);
+                invocation.key(holds).key(expiries);
+                invocation.arg(request_id.simple().to_string());
+            }
+            let mut conn = redis.clone();
+            if let Err(e) = invocation.invoke_async::<i64>(&mut conn).await {
+                self.failed(&e);
+                return;
+            }
         }
     }
 
@@ -471,12 +518,13 @@ impl HoldStore {
         let redis = self.redis.as_ref()?;
         let (holds, _) = self.keys(key_id);
         let mut conn = redis.clone();
-        let values: Vec<i64> = redis::cmd("HVALS")
+        let sum: Option<i64> = redis::cmd("HGET")
             .arg(holds)
+            .arg("_sum")
             .query_async(&mut conn)
             .await
             .ok()?;
-        Some(values.iter().sum())
+        Some(sum.unwrap_or(0))
     }
 }
 

@@ -11,7 +11,8 @@
 //! dropped signature is a 400, as with Anthropic), and it rejects an assistant turn that
 //! uses a tool without its thinking block first. Extra per-request knobs in `"mock"`:
 //! `cache_read`, `cache_creation` (usage numbers to report), `redacted_thinking` (add a
-//! redacted block), `stream_error_after` (send an `error` event after that many deltas).
+//! redacted block), `stream_error_after` (send an `error` event after that many deltas),
+//! `require_beta` (a 400 unless the `anthropic-beta` header lists that feature).
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -44,6 +45,9 @@ struct Extras {
     cache_creation: u64,
     redacted_thinking: bool,
     stream_error_after: Option<u32>,
+    /// Answer 400 unless `anthropic-beta` lists this feature (as Anthropic does for beta
+    /// fields sent without their header).
+    require_beta: Option<String>,
 }
 
 /// The error body Anthropic sends for a status (the `fail_status` knob and real checks).
@@ -294,6 +298,20 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         .unwrap_or_default();
     let knobs = cfg.knobs(overrides.as_ref());
     drop(cfg);
+    if let Some(beta) = &extras.require_beta {
+        let listed = headers
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|f| f.trim() == beta);
+        if !listed {
+            return error_response(
+                400,
+                &format!("this request needs the `anthropic-beta: {beta}` header"),
+            );
+        }
+    }
     let thinking = req.pointer("/thinking/type").and_then(Value::as_str) == Some("enabled");
     if let Err(message) = check_history(&req, thinking) {
         return error_response(400, &message);

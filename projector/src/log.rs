@@ -205,9 +205,9 @@ pub async fn read_range_of_types<'e>(
         .bind(types)
         .fetch_all(exec)
         .await?;
-    let (top, hi) = rows
-        .first()
-        .map_or((after, after), |r| (r.top.unwrap_or(after), r.hi.unwrap_or(after)));
+    let (top, hi) = rows.first().map_or((after, after), |r| {
+        (r.top.unwrap_or(after), r.hi.unwrap_or(after))
+    });
     let events: Vec<StoredEvent> = rows.into_iter().filter_map(ScanRow::into_stored).collect();
     Ok(Scanned {
         events,

@@ -15,6 +15,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use std::str::FromStr as _;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +26,9 @@ use schemas::Namespace;
 use crate::db::{self, DbError};
 use crate::runtime::{CatchUp, Projection, ProjectionError, Runner, LIVE_LOCK_SQL_KEY};
 
-/// Events per transaction in a replay: bigger than live (500) because nobody waits on
-/// a replay's individual batches, and every commit costs a WAL flush.
-pub const REPLAY_BATCH_SIZE: i64 = 5_000;
+/// Log positions per transaction in a replay: far more than live (500) because nobody
+/// waits on a replay's individual batches, and each batch costs a few round trips.
+pub const REPLAY_BATCH_SIZE: i64 = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -56,7 +59,11 @@ pub enum ReplayError {
 
 /// A name for a scratch schema of `live`: `<ns>_<tag><UTC timestamp><4 hex>`, with the
 /// namespace cut so the whole fits a namespace's 48 characters.
-pub fn scratch_name(live: &Namespace, tag: &str, now: DateTime<Utc>) -> Result<Namespace, ReplayError> {
+pub fn scratch_name(
+    live: &Namespace,
+    tag: &str,
+    now: DateTime<Utc>,
+) -> Result<Namespace, ReplayError> {
     let id = schemas::new_id().simple().to_string();
     let name = format!(
         "{}{}{}",
@@ -98,13 +105,26 @@ impl Scratch {
         if &schema == live {
             return Err(ReplayError::LiveTarget(schema.to_string()));
         }
-        let pool = db::connect(database_url, &schema, 4).await?;
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-        )
-        .bind(schema.pg_schema())
-        .fetch_one(&pool)
-        .await?;
+        // Commits into a scratch schema need not wait for the WAL flush: a crash loses at
+        // most the last batches, and the checkpoint, committed with them, says where to
+        // resume. The live namespace is never written through this pool.
+        let opts = PgConnectOptions::from_str(database_url)
+            .map_err(DbError::BadUrl)?
+            .options([
+                ("search_path", schema.pg_schema()),
+                ("synchronous_commit", "off"),
+            ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(DbError::Connect)?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema.pg_schema())
+                .fetch_one(&pool)
+                .await?;
         if exists {
             let table = format!("\"{}\".event_log", schema.pg_schema());
             let has_events: Option<bool> =
@@ -212,12 +232,11 @@ impl InPlace {
     /// latter catching a batch in flight from a build older than the live-instance lock.
     pub async fn claim(live_pool: &PgPool, projector: &str) -> Result<Self, ReplayError> {
         let mut conn = PgConnection::connect_with(&live_pool.connect_options()).await?;
-        let locked: bool = sqlx::query_scalar(&format!(
-            "SELECT pg_try_advisory_lock({LIVE_LOCK_SQL_KEY})"
-        ))
-        .bind(projector)
-        .fetch_one(&mut conn)
-        .await?;
+        let locked: bool =
+            sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LIVE_LOCK_SQL_KEY})"))
+                .bind(projector)
+                .fetch_one(&mut conn)
+                .await?;
         if !locked {
             return Err(ReplayError::LiveRunning(projector.to_owned()));
         }
@@ -270,7 +289,10 @@ impl InPlace {
     }
 }
 
-async fn lock_checkpoint_nowait(conn: &mut PgConnection, projector: &str) -> Result<(), ReplayError> {
+async fn lock_checkpoint_nowait(
+    conn: &mut PgConnection,
+    projector: &str,
+) -> Result<(), ReplayError> {
     let res = sqlx::query("SELECT 1 FROM checkpoints WHERE projector = $1 FOR UPDATE NOWAIT")
         .bind(projector)
         .execute(&mut *conn)

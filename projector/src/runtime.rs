@@ -462,7 +462,8 @@ async fn lock_checkpoint(conn: &mut PgConnection, projector: &str) -> Result<i64
 /// in the connection's schema. Live instances hold it shared (several may run; the
 /// checkpoint row lock serializes them); an in-place replay takes it exclusively, so it
 /// can tell that no live instance runs and none starts until it is done.
-pub const LIVE_LOCK_SQL_KEY: &str = "hashtext(COALESCE(current_schema(), '') || '.projector.' || $1)";
+pub const LIVE_LOCK_SQL_KEY: &str =
+    "hashtext(COALESCE(current_schema(), '') || '.projector.' || $1)";
 
 /// Holds the shared "live instance" lock of `projector` on a connection of its own (not
 /// the pool's: a session lock must die with its holder, not linger in an idle pooled
@@ -486,7 +487,10 @@ async fn announce_live(
             return Ok(Some(conn));
         }
         if !waiting {
-            tracing::info!(projector, "an in-place replay is rebuilding this projection; waiting for it");
+            tracing::info!(
+                projector,
+                "an in-place replay is rebuilding this projection; waiting for it"
+            );
             waiting = true;
         }
         tokio::select! {

@@ -316,7 +316,10 @@ mod tests {
             h.availability(later + 1),
             Availability::HalfOpen { probe_free: false }
         );
-        assert!(h.record_success(later + 1), "closing a half-open breaker is news");
+        assert!(
+            h.record_success(later + 1),
+            "closing a half-open breaker is news"
+        );
         assert_eq!(h.availability(later + 1), Availability::Closed);
         assert!(!h.record_success(later + 1), "a closed breaker stays quiet");
     }

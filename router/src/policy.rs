@@ -103,12 +103,11 @@ pub fn plan(
             break;
         }
         candidates.clear();
-        for &index in &tier.members {
-            let channel = snapshot.channel(index);
-            if !channel.admits(route.group) {
+        for member in &tier.members {
+            if !member.open && !snapshot.channel(member.index).admits(route.group) {
                 continue;
             }
-            let health = snapshot.health(index);
+            let health = &member.health;
             let probe = match health.availability(now_ms) {
                 Availability::Closed => false,
                 Availability::HalfOpen { probe_free: true } => true,
@@ -123,8 +122,8 @@ pub fn plan(
                 }
             };
             candidates.push(Candidate {
-                index,
-                weight: u64::from(channel.weight.max(1)),
+                index: member.index,
+                weight: member.weight,
                 load: u64::from(health.load()),
                 probe,
             });

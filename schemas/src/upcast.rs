@@ -129,7 +129,13 @@ mod tests {
             "data": {"first_name": "Alan", "last_name": "Turing", "greeting": "hi"}}"#;
         assert_eq!(read(v3).greeting, "hi");
         // Another type's steps never apply.
-        let other = upcast_with(TEST_UPCASTERS, "Other", 1, 3, serde_json::json!({"name": "x"}));
+        let other = upcast_with(
+            TEST_UPCASTERS,
+            "Other",
+            1,
+            3,
+            serde_json::json!({"name": "x"}),
+        );
         assert_eq!(other, serde_json::json!({"name": "x"}));
     }
 

@@ -6,8 +6,8 @@
 //!   probe, if one was claimed. A probe is claimed with a compare-and-set on the key's
 //!   revision, so one request in the whole deployment probes a channel, not one per worker.
 //! - `load.<worker id>` → [`LoadRecord`]: that worker's calls in flight per channel, put
-//!   when they change (at most every [`PUBLISH_EVERY`]) and at least every
-//!   [`HEARTBEAT`]; records older than [`STALE_AFTER`] are ignored (a dead worker's calls
+//!   when they change (at most every `PUBLISH_EVERY`) and at least every
+//!   `HEARTBEAT`; records older than `STALE_AFTER` are ignored (a dead worker's calls
 //!   are not in flight any more).
 //!
 //! Every worker watches the whole bucket and folds what it sees into its

@@ -6,7 +6,11 @@
 //!   shared by every worker process, each request in its own task, bounded.
 //! - [`channels`] loads the `channels` table into the router's `ChannelSet` and keeps it
 //!   fresh.
-//! - [`adapters`] speak the providers' protocols (OpenAI today).
+//! - [`adapters`] speak the providers' protocols (OpenAI and its compatible presets,
+//!   Azure, Anthropic, Gemini); [`translate`] converts between the client's API and the
+//!   channel's protocol (see `adapters/README.md`).
+//! - [`health`] shares channel bans and in-flight counts with the other workers through
+//!   NATS KV, so the router's circuit breaker acts deployment-wide.
 //! - `handler` runs one request: attempts and failover, relaying, terminal events, acks.
 //!   `relay` and `frames` stream and coalesce chunks; `tally` rewrites chunks and notes
 //!   usage; `estimate` counts tokens when the provider reports none.

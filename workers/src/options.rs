@@ -67,6 +67,7 @@ impl Default for WorkerOptions {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use schemas::config::RoutingConfig;
@@ -81,6 +82,16 @@ mod tests {
         assert_eq!(opts.breaker.ban, Duration::from_secs(5));
         assert_eq!(opts.breaker.failure_threshold, 3);
         assert_eq!(opts.policy.max_attempts, 1, "at least one attempt");
+        let yaml = "routing: {ban_secs: 90, failure_threshold: 5, max_attempts: 2}\n";
+        let file = schemas::config::FileConfig::parse(yaml, |_| None).expect("valid yaml");
+        let opts = WorkerOptions::default().with_routing(&file.routing);
+        assert_eq!(opts.breaker.ban, Duration::from_secs(90));
+        assert_eq!(opts.breaker.failure_threshold, 5);
+        assert_eq!(opts.policy.max_attempts, 2);
+        assert!(
+            schemas::config::FileConfig::parse("routing: {ban: 1}\n", |_| None).is_err(),
+            "a misspelt setting is an error, not silently ignored"
+        );
         let same = WorkerOptions::default().with_routing(&RoutingConfig::default());
         assert_eq!(same.breaker, BreakerConfig::default());
         assert_eq!(same.policy, Policy::default());

@@ -57,6 +57,7 @@ pub fn request(api: Api, stream: bool, mock: Value, tools: bool) -> Value {
     let mut body = match api {
         Api::Messages => json!({"model": MODEL, "max_tokens": 1000,
             "messages": [{"role": "user", "content": "say something predictable"}]}),
+        Api::Responses => json!({"model": MODEL, "input": "say something predictable"}),
         _ => {
             json!({"model": MODEL, "messages": [{"role": "user", "content": "say something predictable"}]})
         }
@@ -73,6 +74,9 @@ pub fn request(api: Api, stream: bool, mock: Value, tools: bool) -> Value {
             Api::Messages => {
                 json!([{"name": "lookup", "description": "look up", "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}}}])
             }
+            Api::Responses => {
+                json!([{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}])
+            }
             _ => {
                 json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}])
             }
@@ -84,7 +88,7 @@ pub fn request(api: Api, stream: bool, mock: Value, tools: bool) -> Value {
 pub async fn send(h: &Harness, api: Api, body: Value) -> common::Answer {
     let mut item = h.work_item(MODEL, body);
     item.api = api;
-    if api == Api::Messages {
+    if matches!(api, Api::Messages | Api::Responses) {
         item.include_usage = true;
     }
     let mut sub = h.subscribe_and_queue(&item).await;
@@ -154,6 +158,57 @@ pub fn seen(api: Api, a: &common::Answer) -> Seen {
                 s.output_tokens = v["usage"]["output_tokens"].as_u64();
                 s.input_tokens = v["usage"]["input_tokens"].as_u64();
             }
+            (Api::Responses, FrameKind::Chunk) => {
+                assert_eq!(
+                    f.event.as_deref(),
+                    v["type"].as_str(),
+                    "every Responses event is named after its type"
+                );
+                match v["type"].as_str().unwrap() {
+                    "response.created" => assert_eq!(v["response"]["model"], MODEL),
+                    "response.output_text.delta" => s.text.push_str(v["delta"].as_str().unwrap()),
+                    "response.output_item.added" if v["item"]["type"] == "function_call" => {
+                        let i = &v["item"];
+                        s.tools.push((
+                            i["call_id"].as_str().unwrap().into(),
+                            i["name"].as_str().unwrap().into(),
+                            String::new(),
+                        ));
+                        args.push(String::new());
+                    }
+                    "response.function_call_arguments.delta" => args
+                        .last_mut()
+                        .unwrap()
+                        .push_str(v["delta"].as_str().unwrap()),
+                    "response.completed" | "response.incomplete" => {
+                        let r = &v["response"];
+                        s.stop = r["status"].as_str().map(str::to_owned);
+                        s.output_tokens = r["usage"]["output_tokens"].as_u64();
+                        s.input_tokens = r["usage"]["input_tokens"].as_u64();
+                    }
+                    _ => {}
+                }
+            }
+            (Api::Responses, FrameKind::Response) => {
+                assert_eq!(v["object"], "response");
+                assert_eq!(v["model"], MODEL);
+                for item in v["output"].as_array().unwrap() {
+                    match item["type"].as_str().unwrap() {
+                        "message" => s
+                            .text
+                            .push_str(item["content"][0]["text"].as_str().unwrap()),
+                        "function_call" => s.tools.push((
+                            item["call_id"].as_str().unwrap().into(),
+                            item["name"].as_str().unwrap().into(),
+                            item["arguments"].as_str().unwrap().into(),
+                        )),
+                        _ => {}
+                    }
+                }
+                s.stop = v["status"].as_str().map(str::to_owned);
+                s.output_tokens = v["usage"]["output_tokens"].as_u64();
+                s.input_tokens = v["usage"]["input_tokens"].as_u64();
+            }
             (_, FrameKind::Chunk) => {
                 assert!(f.event.is_none());
                 assert_eq!(v["model"], MODEL);
@@ -218,6 +273,8 @@ pub fn seen(api: Api, a: &common::Answer) -> Seen {
 pub fn stops(api: Api) -> [&'static str; 3] {
     match api {
         Api::Messages => ["end_turn", "max_tokens", "tool_use"],
+        // The Responses API says how the response ended, not why the model stopped.
+        Api::Responses => ["completed", "incomplete", "completed"],
         _ => ["stop", "length", "tool_calls"],
     }
 }
@@ -260,7 +317,8 @@ macro_rules! conformance {
                 }
                 // A length cut: `max_tokens` below what the mock would say.
                 let mut body = request(API, true, json!({"chunks": 6}), false);
-                body["max_tokens"] = json!(3);
+                let limit = if API == Api::Responses { "max_output_tokens" } else { "max_tokens" };
+                body[limit] = json!(3);
                 let s = seen(API, &send(&h, API, body).await);
                 assert_eq!((s.text.as_str(), s.stop.as_deref()), (common::mock_text(3).as_str(), Some(stops(API)[1])));
                 h.cleanup().await;
@@ -348,3 +406,10 @@ conformance!(
 );
 conformance!(gemini_channel_chat_client, "gemini", Api::ChatCompletions);
 conformance!(gemini_channel_messages_client, "gemini", Api::Messages);
+conformance!(openai_channel_responses_client, "openai", Api::Responses);
+conformance!(
+    anthropic_channel_responses_client,
+    "anthropic",
+    Api::Responses
+);
+conformance!(gemini_channel_responses_client, "gemini", Api::Responses);

@@ -65,15 +65,16 @@ async fn create(
     named::submit(state, request_id, &caller, submission).await
 }
 
-/// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, counted with Sluice's
-/// tokenizer (system, messages and tools), without calling an upstream.
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`. When an Anthropic channel
+/// serves the model, Anthropic counts (exactly, `anthropic-beta` forwarded); otherwise
+/// Sluice's tokenizer estimates (system, messages and tools).
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let counted = (|| {
-        authenticate(&state.directory, &headers)?;
+    let checked = (|| {
+        let caller = authenticate(&state.directory, &headers)?;
         let (_, value) = named::read_json(&state, body)?;
         let model = value
             .get("model")
@@ -82,20 +83,27 @@ pub async fn count_tokens(
             .ok_or_else(|| schemas::openai::InvalidRequest {
                 message: "model: Field required".into(),
                 param: Some("model".into()),
-            })?;
+            })?
+            .to_owned();
         validate_messages(value.get("messages"))?;
-        let mut tokens = billing::estimate_prompt(model, &value);
-        if let Some(system) = value.get("system") {
-            let text = match system {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            tokens += billing::tokenizer::count_text(model, &text);
-        }
-        Ok::<_, ApiError>(tokens)
+        Ok::<_, ApiError>((caller, value, model))
     })();
-    match counted {
-        Ok(tokens) => Json(serde_json::json!({"input_tokens": tokens})).into_response(),
-        Err(e) => anthropic_error_response(&e.info()),
+    let (caller, value, model) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return anthropic_error_response(&e.info()),
+    };
+    if let Some(answer) =
+        super::count_tokens::upstream(&state, &caller.group, &model, &value, &headers).await
+    {
+        return answer;
     }
+    let mut tokens = billing::estimate_prompt(&model, &value);
+    if let Some(system) = value.get("system") {
+        let text = match system {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        tokens += billing::tokenizer::count_text(&model, &text);
+    }
+    Json(serde_json::json!({"input_tokens": tokens})).into_response()
 }

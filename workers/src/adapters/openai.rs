@@ -37,6 +37,17 @@ impl OpenAiAdapter {
         channel: &Channel,
         req: UpstreamRequest<'_>,
     ) -> Result<Reply, UpstreamError> {
+        if self.preset.base_url.is_empty() && channel.base_url.as_deref().unwrap_or("").is_empty() {
+            // A configuration problem, said plainly instead of as a relative-URL error.
+            return Err(UpstreamError::new(
+                PROVIDER_TYPE,
+                ErrorKind::Internal,
+                format!(
+                    "channel `{}` of type `{}` needs a `base_url`",
+                    channel.name, self.preset.name
+                ),
+            ));
+        }
         let endpoint = match req.api {
             Api::Embeddings => "embeddings",
             Api::Images => "images/generations",
