@@ -90,6 +90,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            request_id::reject_oversize(max_body, req, next)
+        }))
         .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }

@@ -21,3 +21,18 @@ pub async fn assign(mut req: Request, next: Next) -> Response {
     }
     response
 }
+
+/// Answers 413 from `Content-Length` alone, before reading a byte of the body: a client
+/// sending 20 MB learns at once, and the gateway never buffers what it will refuse.
+pub async fn reject_oversize(limit: usize, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        use axum::response::IntoResponse;
+        return crate::error::ApiError::PayloadTooLarge { limit }.into_response();
+    }
+    next.run(req).await
+}
