@@ -101,15 +101,11 @@ pub fn read_error_info(e: &ReadError) -> ApiErrorInfo {
 pub fn sse_event(seq: u64, data: &str) -> Bytes {
     let mut out = String::with_capacity(data.len() + 32);
     out.push_str("id: ");
-    out.push_str(itoa_u64(seq).as_str());
+    let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{seq}"));
     out.push_str("\ndata: ");
     out.push_str(data);
     out.push_str("\n\n");
     Bytes::from(out)
-}
-
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
 }
 
 pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";

@@ -53,6 +53,22 @@ impl UpstreamError {
     /// A transport failure: connect errors are [`ErrorKind::Connection`], timeouts
     /// [`ErrorKind::Timeout`], anything else on the wire (a cut body) a connection error
     /// too. The URL is left out of the message: some providers put keys in query strings.
+    /// An SSE stream that broke: transport errors keep their reqwest kind, anything else
+    /// (invalid UTF-8, bad framing) is the upstream's fault.
+    pub fn from_event_stream(
+        provider: &'static str,
+        e: eventsource_stream::EventStreamError<reqwest::Error>,
+    ) -> Self {
+        match e {
+            eventsource_stream::EventStreamError::Transport(e) => Self::from_reqwest(provider, e),
+            other => Self::new(
+                provider,
+                ErrorKind::Upstream5xx,
+                format!("invalid event stream: {other}"),
+            ),
+        }
+    }
+
     pub fn from_reqwest(provider: &'static str, e: reqwest::Error) -> Self {
         let kind = if e.is_timeout() {
             ErrorKind::Timeout

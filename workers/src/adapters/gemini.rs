@@ -188,17 +188,10 @@ impl Stream for GeminiStream {
                 }
                 Some(Err(e)) => {
                     self.eof = true;
-                    let e = match e {
-                        eventsource_stream::EventStreamError::Transport(e) => {
-                            UpstreamError::from_reqwest(PROVIDER_TYPE, e)
-                        }
-                        other => UpstreamError::new(
-                            PROVIDER_TYPE,
-                            ErrorKind::Upstream5xx,
-                            format!("invalid event stream: {other}"),
-                        ),
-                    };
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(UpstreamError::from_event_stream(
+                        PROVIDER_TYPE,
+                        e,
+                    ))));
                 }
                 Some(Ok(event)) => event,
             };
