@@ -66,6 +66,8 @@ timing=$(mktemp)
 summary=$(mktemp)
 for projector in $PROJECTORS; do
   into="${SLUICE_NAMESPACE}_${projector:0:1}"
+  # Both cores are shared with Postgres (and anything else running): a busy machine shows.
+  echo "load average before replaying $projector: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
   if [[ -x /usr/bin/time ]]; then
     /usr/bin/time -v -o "$timing" "$BIN" replay "$projector" --into "$into" --json >"$summary"
     rss_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$timing")

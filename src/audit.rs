@@ -23,6 +23,10 @@ const TABLES: &[(&str, &[&str])] = &[
     ("key_balances", &["key_id"]),
     ("daily_usage", &["day", "key_id", "model"]),
     ("prices", &["model", "effective_at", "position"]),
+    ("user_balances", &["user_id"]),
+    ("plan_usage", &["user_id", "period"]),
+    ("plans", &["plan_id", "position"]),
+    ("plan_subscriptions", &["user_id", "position"]),
 ];
 
 /// Rows fetched per table and side: enough to name what is wrong, bounded however broken.

@@ -5,10 +5,12 @@ mod admin;
 mod audit;
 mod events_cmd;
 mod local_services;
+mod node;
 mod replay;
 mod roles;
 mod seed;
 mod settings;
+mod telemetry;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -41,12 +43,14 @@ enum Role {
     Journal,
     /// Runs the billing projector (ledger, balances, daily usage).
     Billing,
-    /// Runs the non-money projectors (per-request summaries).
+    /// Runs the non-money projectors (per-request summaries, conversations).
     Projector,
     /// Applies migrations and upserts the channels, keys and prices of sluice.yaml.
     Migrate,
     /// A fake provider speaking OpenAI's wire format, for tests and benchmarks.
     MockUpstream(roles::MockArgs),
+    /// A remote worker node: serves models from a local provider to the gateway over NATS.
+    Node(node::NodeArgs),
     /// Runs a projector over the event log into a scratch schema (or rebuilds it in place),
     /// optionally re-pricing history under another price table.
     Replay(replay::ReplayArgs),
@@ -58,20 +62,8 @@ enum Role {
     Events(events_cmd::EventsArgs),
     /// Operator commands, e.g. `sluice admin create-user --name root` (the first admin).
     Admin(admin::AdminArgs),
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("SLUICE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    /// Exits 0 when this container's role answers `/healthz` (for container health checks).
+    Healthcheck(telemetry::HealthcheckArgs),
 }
 
 /// One token for the whole process, cancelled on SIGINT or SIGTERM.
@@ -107,10 +99,14 @@ fn shutdown_token() -> CancellationToken {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    telemetry::init_tracing();
+    telemetry::init_metrics();
     let shutdown = shutdown_token();
     let result = match cli.role {
         Role::MockUpstream(args) => roles::mock_upstream(args, shutdown).await,
+        Role::Healthcheck(args) => telemetry::healthcheck(args).await,
+        // A node reads node.yaml, not sluice.yaml, and needs nothing but NATS.
+        Role::Node(args) => node::run(args, shutdown).await,
         role => match settings::Settings::load() {
             Err(e) => Err(e),
             Ok(settings) => match role {
@@ -127,7 +123,7 @@ async fn main() -> std::process::ExitCode {
                 Role::Audit(args) => audit::run(&settings, args, shutdown).await,
                 Role::Events(args) => events_cmd::run(&settings, args, shutdown).await,
                 Role::Admin(args) => admin::run(&settings, args).await,
-                Role::MockUpstream(_) => Ok(()),
+                Role::MockUpstream(_) | Role::Node(_) | Role::Healthcheck(_) => Ok(()),
             },
         },
     };

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use billing::{BillingProjection, PriceBook};
 use projector::replay::{self, InPlace, Scratch};
-use projector::{CatchUp, Projection, RequestsProjection};
+use projector::{CatchUp, ConversationsProjection, Projection, RequestsProjection};
 use schemas::config::FileConfig;
 use schemas::{Namespace, Nanos};
 
@@ -24,10 +24,12 @@ use crate::settings::Settings;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProjectorKind {
-    /// Ledger, key balances, daily usage and the price history.
+    /// Ledger, key and user balances, daily and plan usage, and the price and plan history.
     Billing,
     /// One row per request (outcome, channel, latency).
     Requests,
+    /// Sessions, their messages and rounds.
+    Conversations,
 }
 
 impl ProjectorKind {
@@ -35,14 +37,25 @@ impl ProjectorKind {
         match self {
             Self::Billing => BillingProjection::NAME,
             Self::Requests => RequestsProjection::NAME,
+            Self::Conversations => ConversationsProjection::NAME,
         }
     }
 
     /// The read models the projector owns: what an in-place replay replaces.
     fn tables(self) -> &'static [&'static str] {
         match self {
-            Self::Billing => &["prices", "ledger_entries", "key_balances", "daily_usage"],
+            Self::Billing => &[
+                "prices",
+                "ledger_entries",
+                "key_balances",
+                "daily_usage",
+                "user_balances",
+                "plan_usage",
+                "plans",
+                "plan_subscriptions",
+            ],
             Self::Requests => &["requests"],
+            Self::Conversations => &["sessions", "messages", "session_rounds"],
         }
     }
 }
@@ -142,6 +155,7 @@ pub async fn run(
         scratch.start_at(args.projector.name(), from).await?;
         if args.projector == ProjectorKind::Billing && from > 0 && book.is_none() {
             seed_prices(&scratch, &live, from).await?;
+            billing::plans::seed_window(&scratch.pool, &live, from).await?;
         }
     } else {
         from = projector::checkpoint(&scratch.pool, args.projector.name())
@@ -168,6 +182,10 @@ pub async fn run(
         }
         ProjectorKind::Requests => {
             let mut p = RequestsProjection::new();
+            fold(&scratch, &live, &mut p, until, &shutdown, &mut progress).await?
+        }
+        ProjectorKind::Conversations => {
+            let mut p = ConversationsProjection::new();
             fold(&scratch, &live, &mut p, until, &shutdown, &mut progress).await?
         }
     };

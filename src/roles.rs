@@ -46,7 +46,16 @@ pub async fn redis(settings: &Settings) -> Option<redis::aio::ConnectionManager>
             return None;
         }
     };
-    match tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager()).await {
+    // Bounded reconnects: by default the manager backs off for minutes and every command
+    // waits on its pending reconnect, so a Redis outage would stall each request instead
+    // of failing open at once (see docs/guarantees.md).
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_millis(500))
+        .set_response_timeout(Duration::from_millis(500))
+        .set_number_of_retries(1)
+        .set_max_delay(500);
+    let connect = client.get_connection_manager_with_config(config);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
         Ok(Ok(conn)) => Some(conn),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "Redis unreachable at start; rate limits are off");
@@ -79,6 +88,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         channels_changed = report.channels_changed,
         keys_created = report.keys_created,
         prices_set = report.prices_set,
+        plans_set = report.plans_set,
         "migrated"
     );
     client.flush().await.ok();
@@ -122,7 +132,8 @@ pub async fn worker(
         secret_key: secret_key(settings)?,
         ..Default::default()
     }
-    .with_routing(&settings.file.routing);
+    .with_routing(&settings.file.routing)
+    .with_env(|k| std::env::var(k).ok());
     health_server(settings, shutdown.clone()).await?;
     workers::run_worker(client, pool, settings.namespace.clone(), opts, shutdown).await?;
     Ok(())
@@ -149,26 +160,27 @@ pub async fn billing(settings: &Settings, shutdown: CancellationToken) -> anyhow
 pub async fn projector(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = pool(settings, 4, true).await?;
     health_server(settings, shutdown.clone()).await?;
-    let projection = projector::requests::RequestsProjection;
-    projector::runtime::run_live(pool, settings.namespace.clone(), projection, shutdown).await?;
+    let projection = projector::requests::RequestsProjection::new();
+    // Each projection keeps its own checkpoint; they run side by side on one pool.
+    let conversations = projector::ConversationsProjection::new();
+    tokio::try_join!(
+        projector::runtime::run_live(
+            pool.clone(),
+            settings.namespace.clone(),
+            projection,
+            shutdown.clone()
+        ),
+        projector::runtime::run_live(pool, settings.namespace.clone(), conversations, shutdown),
+    )?;
     Ok(())
 }
 
-/// `/healthz` for roles that serve no API, on SLUICE_METRICS_LISTEN when set.
+/// `/healthz` and `/metrics` for roles that serve no API, on SLUICE_METRICS_LISTEN when set.
 async fn health_server(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let Some(addr) = &settings.metrics_listen else {
         return Ok(());
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on SLUICE_METRICS_LISTEN {addr}"))?;
-    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
-    Ok(())
+    crate::telemetry::serve_metrics(addr, shutdown).await
 }
 
 #[derive(clap::Args, Debug)]

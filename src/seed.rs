@@ -1,13 +1,14 @@
-//! `sluice migrate` (and `sluice up`): apply migrations, then upsert the channels, keys
-//! and prices declared in `sluice.yaml`. Each change appends an audit event (prices are
-//! `PriceSet` events, which the billing projector turns into the price history).
+//! `sluice migrate` (and `sluice up`): apply migrations, then upsert the channels, keys,
+//! prices and plans declared in `sluice.yaml`. Each change appends an audit event (prices
+//! are `PriceSet` events, which the billing projector turns into the price history; plans
+//! are `PlanConfigured` events, keyed by a plan id derived from the name).
 
 use anyhow::{bail, Context as _};
 use chrono::Utc;
 use sqlx::{PgPool, Row};
 
-use schemas::config::{ChannelConfig, FileConfig, KeyConfig, PriceConfig};
-use schemas::events::{ChannelConfigured, Event, KeyCreated, Metadata, PriceSet};
+use schemas::config::{ChannelConfig, FileConfig, KeyConfig, PlanConfig, PriceConfig};
+use schemas::events::{ChannelConfigured, Event, KeyCreated, Metadata, PlanConfigured, PriceSet};
 use schemas::sealed::SecretKey;
 use schemas::{Envelope, Namespace, Price};
 
@@ -23,6 +24,7 @@ pub struct SeedReport {
     pub channels_changed: usize,
     pub keys_created: usize,
     pub prices_set: usize,
+    pub plans_set: usize,
 }
 
 impl Seeder<'_> {
@@ -43,6 +45,11 @@ impl Seeder<'_> {
                 report.prices_set += 1;
             }
         }
+        for plan in &file.plans {
+            if self.set_plan(plan).await? {
+                report.plans_set += 1;
+            }
+        }
         Ok(report)
     }
 
@@ -58,13 +65,14 @@ impl Seeder<'_> {
     /// Inserts or updates a channel by name; returns whether anything changed.
     async fn upsert_channel(&self, c: &ChannelConfig) -> anyhow::Result<bool> {
         let existing = sqlx::query(
-            "SELECT id, channel_type, base_url, api_key_sealed, models, model_map, priority, weight, retry, groups, enabled
-             FROM channels WHERE name = $1",
+            "SELECT id, channel_type, base_url, api_key_sealed, models, model_map, priority, weight, retry, groups, enabled, timeouts
+             FROM channels WHERE name = $1 AND owner_user_id IS NULL",
         )
         .bind(&c.name)
         .fetch_optional(self.pool)
         .await?;
         let model_map = serde_json::to_value(&c.model_map)?;
+        let timeouts = serde_json::to_value(c.timeouts)?;
         let sealed_now: Option<String> = existing
             .as_ref()
             .and_then(|r| r.try_get("api_key_sealed").ok().flatten());
@@ -93,7 +101,8 @@ impl Seeder<'_> {
                 && i64::from(row.try_get::<i32, _>("weight")?) == i64::from(c.weight)
                 && i64::from(row.try_get::<i32, _>("retry")?) == i64::from(c.retry)
                 && row.try_get::<Vec<String>, _>("groups")? == c.groups
-                && row.try_get::<bool, _>("enabled")? == c.enabled;
+                && row.try_get::<bool, _>("enabled")? == c.enabled
+                && row.try_get::<serde_json::Value, _>("timeouts")? == timeouts;
             if same {
                 return Ok(false);
             }
@@ -103,12 +112,12 @@ impl Seeder<'_> {
             None => schemas::new_id(),
         };
         sqlx::query(
-            "INSERT INTO channels (id, name, channel_type, base_url, api_key_sealed, models, model_map, priority, weight, retry, groups, enabled, source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'config')
-             ON CONFLICT (name) DO UPDATE SET channel_type = EXCLUDED.channel_type, base_url = EXCLUDED.base_url,
+            "INSERT INTO channels (id, name, channel_type, base_url, api_key_sealed, models, model_map, priority, weight, retry, groups, enabled, timeouts, source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'config')
+             ON CONFLICT (name) WHERE owner_user_id IS NULL DO UPDATE SET channel_type = EXCLUDED.channel_type, base_url = EXCLUDED.base_url,
                api_key_sealed = EXCLUDED.api_key_sealed, models = EXCLUDED.models, model_map = EXCLUDED.model_map,
                priority = EXCLUDED.priority, weight = EXCLUDED.weight, retry = EXCLUDED.retry, groups = EXCLUDED.groups,
-               enabled = EXCLUDED.enabled, updated_at = now()",
+               enabled = EXCLUDED.enabled, timeouts = EXCLUDED.timeouts, updated_at = now()",
         )
         .bind(id)
         .bind(&c.name)
@@ -122,6 +131,7 @@ impl Seeder<'_> {
         .bind(i32::try_from(c.retry).context("retry is too large")?)
         .bind(&c.groups)
         .bind(c.enabled)
+        .bind(&timeouts)
         .execute(self.pool)
         .await?;
         self.publish(Event::ChannelConfigured(ChannelConfigured {
@@ -131,6 +141,7 @@ impl Seeder<'_> {
             models: c.models.clone(),
             enabled: c.enabled,
             source: "config".into(),
+            owner_user_id: None,
         }))
         .await?;
         Ok(true)
@@ -211,6 +222,40 @@ impl Seeder<'_> {
             model: p.model.clone(),
             price,
             effective_at: Utc::now(),
+        }))
+        .await?;
+        Ok(true)
+    }
+}
+
+impl Seeder<'_> {
+    /// Appends a `PlanConfigured` unless the plan (its id derived from its name) already
+    /// has this definition in billing's read model.
+    async fn set_plan(&self, p: &PlanConfig) -> anyhow::Result<bool> {
+        let name = p.name.trim().to_owned();
+        let plan_id = ingress::routes::plans::config_plan_id(&name);
+        let monthly_quota = p
+            .monthly_quota()
+            .with_context(|| format!("quota of plan `{name}`"))?;
+        let models = ingress::routes::plans::check_models(p.models.clone())
+            .with_context(|| format!("models of plan `{name}`"))?;
+        let current: Option<(String, i64, Vec<String>, bool)> = sqlx::query_as(
+            "SELECT name, quota_nanos, models, public FROM current_plans WHERE plan_id = $1",
+        )
+        .bind(plan_id)
+        .fetch_optional(self.pool)
+        .await?;
+        if current == Some((name.clone(), monthly_quota.0, models.clone(), p.public)) {
+            return Ok(false);
+        }
+        self.publish(Event::PlanConfigured(PlanConfigured {
+            plan_id,
+            name,
+            monthly_quota,
+            models,
+            public: p.public,
+            source: "config".to_owned(),
+            by_user: None,
         }))
         .await?;
         Ok(true)

@@ -88,6 +88,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
             retry: 1,
             groups: vec![],
             enabled: true,
+            timeouts: Default::default(),
         });
         settings.file.prices.push(PriceConfig {
             model: DEMO_MODEL.into(),

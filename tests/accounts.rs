@@ -127,7 +127,8 @@ async fn users_keys_isolation_revocation_and_no_secrets() {
     let alice_key_id = created["id"].as_str().unwrap().to_owned();
     seen_secrets.push(alice_key.clone());
     assert!(alice_key.starts_with("sk-") && alice_key.len() > 40);
-    assert_eq!(created["quota"], "0");
+    // No cap of its own: a user's keys draw on the user's balance.
+    assert_eq!(created["quota"], Value::Null);
     let stored: (String, String) =
         sqlx::query_as("SELECT key_hash, prefix FROM api_keys WHERE id = $1::uuid")
             .bind(&alice_key_id)

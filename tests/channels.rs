@@ -1,11 +1,13 @@
 //! Channels end to end, every role a separate `sluice` process: the admin API creates,
 //! changes, tests and deletes channels (secrets sealed, never returned, every change
 //! audited) and running workers pick the changes up without a restart; a ban started by
-//! one worker process is honoured by another.
+//! one worker process is honoured by another (a later one, and one live at the same time)
+//! until its probe; a channel refusing connections fails over and is banned.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
@@ -376,5 +378,248 @@ async fn a_ban_by_one_worker_process_is_honoured_by_another() {
         "{backup_view}"
     );
     stack.wait_projected("ChannelBanned", 1).await;
+    stack.stop().await;
+}
+
+/// Reads a channel's record in the shared health bucket.
+async fn ban_record(
+    kv: &async_nats::jetstream::kv::Store,
+    channel: uuid::Uuid,
+) -> Option<workers::health::BanRecord> {
+    let bytes = kv.get(format!("ban.{}", channel.simple())).await.unwrap()?;
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+/// The ids of the workers that have a load record in the health bucket, from the
+/// stream's subject list (`Store::keys` may wait forever while workers keep putting).
+async fn live_workers(kv: &async_nats::jetstream::kv::Store) -> BTreeSet<uuid::Uuid> {
+    use futures::StreamExt;
+    let bucket = format!("$KV.{}.", kv.name);
+    let Ok(subjects) = kv
+        .stream
+        .info_with_subjects(format!("{bucket}load.>"))
+        .await
+    else {
+        return BTreeSet::new();
+    };
+    let keys: Vec<String> = subjects
+        .filter_map(|s| {
+            let key = s
+                .ok()
+                .and_then(|(subject, _)| subject.strip_prefix(&bucket).map(str::to_owned));
+            async move { key }
+        })
+        .collect()
+        .await;
+    let mut live = BTreeSet::new();
+    for key in keys {
+        // A stopped worker deletes its record: the subject stays, the value is gone.
+        if let Ok(Some(_)) = kv.get(&key).await {
+            live.insert(uuid::Uuid::parse_str(&key["load.".len()..]).unwrap());
+        }
+    }
+    live
+}
+
+async fn channel_id(stack: &Stack, name: &str) -> uuid::Uuid {
+    sqlx::query_scalar("SELECT id FROM channels WHERE name = $1")
+        .bind(name)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap()
+}
+
+/// Two worker processes live at once: the ban one worker's breaker starts reaches the other
+/// through the shared health bucket within a second, so neither sends the failing channel
+/// any traffic until its ban runs out; then exactly one probe (claimed once across both
+/// workers) tries it, and once it answers again it gets its traffic back.
+#[tokio::test]
+async fn two_live_workers_honour_one_ban_until_its_probe() {
+    use futures::StreamExt;
+    const BAN_SECS: u64 = 6;
+    // The backup answers slowly, so whichever worker serves a request shows it in flight in
+    // its load record (published every 250 ms): that is how the test knows both workers
+    // took part.
+    let backup = mock(MockConfig {
+        ttft_ms: 400,
+        ..MockConfig::default()
+    })
+    .await;
+    let stack = Stack::start(StackOptions {
+        extra_channels: format!(
+            "  - name: backup\n    type: openai\n    base_url: {}\n    models: [{MODEL}]\n    priority: 2\n\
+             routing:\n  ban_secs: {BAN_SECS}\n  failure_threshold: 1\n",
+            backup.base_url()
+        ),
+        workers: 2,
+        ..StackOptions::default()
+    })
+    .await;
+    let main_id = channel_id(&stack, "mock-main").await;
+    let backup_id = channel_id(&stack, "backup").await;
+    let js = async_nats::jetstream::new(async_nats::connect(common::NATS_URL).await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kv = loop {
+        if let Ok(kv) = js.get_key_value(stack.ns.channel_health_bucket()).await {
+            if live_workers(&kv).await.len() == 2 {
+                break kv;
+            }
+        }
+        assert!(Instant::now() < deadline, "two workers never went live");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let serving = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let mut watch = kv.watch("load.>").await.unwrap();
+    let collector = tokio::spawn({
+        let serving = serving.clone();
+        async move {
+            while let Some(Ok(entry)) = watch.next().await {
+                let Some(worker) = entry
+                    .key
+                    .strip_prefix("load.")
+                    .and_then(|w| uuid::Uuid::parse_str(w).ok())
+                else {
+                    continue;
+                };
+                if let Ok(load) =
+                    serde_json::from_slice::<workers::health::LoadRecord>(&entry.value)
+                {
+                    if load.in_flight.get(&backup_id).copied().unwrap_or(0) > 0 {
+                        serving.lock().unwrap().insert(worker);
+                    }
+                }
+            }
+        }
+    });
+
+    // The priority-1 channel fails with 500: the first failure bans it (threshold 1) and the
+    // request succeeds on priority 2.
+    stack.mock.set_config(MockConfig {
+        fail_status: Some(500),
+        ..MockConfig::default()
+    });
+    assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
+    let banned_at = Instant::now();
+    assert_eq!(stack.mock.stats().requests_total, 1);
+    let ban = ban_record(&kv, main_id).await.expect("the ban is shared");
+    let until_ms = ban.until_ms;
+    let others: Vec<uuid::Uuid> = live_workers(&kv)
+        .await
+        .into_iter()
+        .filter(|w| *w != ban.by)
+        .collect();
+    assert_eq!(others.len(), 1, "the banning worker is one of two");
+    let other = others[0];
+
+    // One second later the other worker knows: batches of concurrent requests (both
+    // workers pull from the queue) until the other worker was seen serving, all while the
+    // ban lasts; the failing channel gets nothing from either.
+    tokio::time::sleep_until((banned_at + Duration::from_secs(1)).into()).await;
+    let mut batches = 0;
+    while !serving.lock().unwrap().contains(&other) {
+        assert!(
+            workers::health::now_ms() + 2_000 < until_ms,
+            "the other worker took no request while the ban lasted ({batches} batches)"
+        );
+        let statuses = futures::future::join_all((0..6).map(|_| chat_status(&stack, MODEL))).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        batches += 1;
+        // Let the last load records arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        stack.mock.stats().requests_total,
+        1,
+        "a worker sent traffic to the banned channel"
+    );
+    let backup_during_ban = backup.stats().requests_total;
+    assert_eq!(backup_during_ban, 1 + 6 * batches);
+
+    // The ban runs out while it still fails: of concurrent requests on both workers exactly
+    // one probes it, fails, and bans it again; every request still succeeds.
+    let wait = until_ms.saturating_sub(workers::health::now_ms()) + 200;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let statuses = futures::future::join_all((0..6).map(|_| chat_status(&stack, MODEL))).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(stack.mock.stats().requests_total, 2, "exactly one probe");
+    let again = ban_record(&kv, main_id).await.unwrap();
+    assert!(again.until_ms > until_ms, "the failed probe bans again");
+
+    // Healed: after the new ban the probe succeeds and the channel takes traffic again,
+    // from both workers.
+    stack.mock.set_config(MockConfig::default());
+    let wait = again.until_ms.saturating_sub(workers::health::now_ms()) + 200;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
+    assert_eq!(stack.mock.stats().requests_total, 3, "the probe");
+    let healed = ban_record(&kv, main_id).await.unwrap();
+    assert_eq!(healed.until_ms, 0, "the recovery is shared");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let backup_before = backup.stats().requests_total;
+    let statuses = futures::future::join_all((0..6).map(|_| chat_status(&stack, MODEL))).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(stack.mock.stats().requests_total, 9);
+    assert_eq!(backup.stats().requests_total, backup_before);
+    stack.wait_projected("ChannelBanned", 2).await;
+    collector.abort();
+    stack.stop().await;
+}
+
+/// A priority-0 channel whose address refuses connections: every request still succeeds on
+/// the next tier, the breaker bans the channel after its failures in a row (default 3),
+/// and from then on no request even tries it.
+#[tokio::test]
+async fn a_channel_refusing_connections_fails_over_and_is_then_skipped() {
+    // Bound and released at once: nothing listens there.
+    let dead_port = common::free_port();
+    let stack = Stack::start(StackOptions {
+        extra_channels: format!(
+            "  - name: refusing\n    type: openai\n    base_url: http://127.0.0.1:{dead_port}/v1\n    models: [{MODEL}]\n    priority: 0\n"
+        ),
+        ..StackOptions::default()
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
+    }
+    assert_eq!(stack.mock.stats().requests_total, 10);
+    stack.wait_projected("ChannelBanned", 1).await;
+    let refusing = channel_id(&stack, "refusing").await;
+    let failed: Vec<String> = sqlx::query_scalar(
+        "SELECT data->>'kind' FROM event_log WHERE type = 'AttemptFailed' \
+         AND (data->>'channel_id')::uuid = $1 ORDER BY position",
+    )
+    .bind(refusing)
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(failed, ["connection", "connection", "connection"]);
+    let ban: (String, i64) = sqlx::query_as(
+        "SELECT data->>'kind', (data->>'failures')::bigint FROM event_log \
+         WHERE type = 'ChannelBanned' AND (data->>'channel_id')::uuid = $1",
+    )
+    .bind(refusing)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(ban, ("connection".to_owned(), 3));
+    let (_, list, _) = admin(&stack, Method::GET, "/api/admin/channels", None).await;
+    let view = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "refusing")
+        .unwrap()
+        .clone();
+    assert_eq!(view["health"]["ban_kind"], "connection", "{view}");
     stack.stop().await;
 }

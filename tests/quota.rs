@@ -522,6 +522,16 @@ async fn a_users_rpm_is_shared_by_all_their_keys() {
         .await
         .unwrap();
     let user_id = user["id"].as_str().unwrap().to_owned();
+    // A user's keys spend the user's balance: give frank some.
+    let resp = stack
+        .http
+        .post(admin("/api/admin/credits"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"user_id": user_id, "amount": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let resp = stack
         .http
         .patch(admin(&format!("/api/admin/users/{user_id}")))

@@ -5,19 +5,26 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod backpressure;
+pub mod cache;
+pub mod context;
 pub mod directory;
 pub mod error;
 pub mod jwt;
 pub mod limits;
+pub mod metrics;
+pub mod presence;
 pub mod quota;
 pub mod relay;
 pub mod request_id;
 pub mod routes;
+pub mod serve;
 pub mod state;
+pub mod trace;
+pub mod ws;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +43,8 @@ pub enum IngressError {
     Directory(#[source] sqlx::Error),
     #[error("serving HTTP failed: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("cannot subscribe to the stream watchers subject: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
 }
 
 /// Builds the shared state: streams exist, and keys and models are loaded once.
@@ -53,7 +62,15 @@ pub async fn build_state(
         .refresh(&pool)
         .await
         .map_err(IngressError::Directory)?;
+    let cache = cache::ResponseCache::from_env(redis.clone(), ns.clone());
     let limiter = limits::RateLimiter::new(redis, ns.clone());
+    let presence = presence::Presence::start(nats.clone(), ns.clone(), opts.resume_grace).await?;
+    let queue = Arc::new(backpressure::QueueGauge::new(
+        js.clone(),
+        &ns,
+        opts.limits.max_queue_depth,
+        opts.limits.queue_check_every,
+    ));
     Ok(Arc::new(AppState {
         ns,
         nats,
@@ -62,11 +79,20 @@ pub async fn build_state(
         directory,
         limiter,
         opts,
+        presence,
+        queue,
+        cache,
     }))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let max_body = state.opts.max_body_bytes;
+    let body_limits = routes::body::BodyLimits {
+        max_bytes: max_body,
+        ..state.opts.limits.body
+    };
+    let header_limits = state.opts.limits.headers;
+    let queue = state.queue.clone();
     Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/messages", post(routes::messages::messages))
@@ -77,22 +103,38 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/messages/count_tokens",
             post(routes::messages::count_tokens),
         )
+        .route("/v1/streams/{id}", get(routes::streams::resume))
+        .route("/api/requests/{id}/cancel", post(routes::streams::cancel))
+        .route("/ws", get(ws::upgrade))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{id}", get(routes::models::get))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(metrics::scrape))
         .route(
             "/api/admin/projections",
             get(routes::admin_projections::list),
         )
         .merge(routes::api::router())
         .merge(routes::admin_channels::router())
+        .merge(routes::admin_nodes::router())
+        .merge(routes::channels::router())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(move |req, next| {
+            routes::body::guard(body_limits, req, next)
+        }))
+        .layer(axum::middleware::from_fn(move |req, next| {
             request_id::reject_oversize(max_body, req, next)
         }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            backpressure::shed(queue.clone(), req, next)
+        }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            request_id::limit_headers(header_limits, req, next)
+        }))
+        .layer(axum::middleware::from_fn(metrics::observe))
         .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
@@ -108,16 +150,27 @@ pub async fn run_ingress(
         state.opts.refresh_every,
         shutdown.clone(),
     ));
-    // Nagle plus delayed ACKs would add tens of milliseconds to every keep-alive request.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    // Models of live remote nodes come from NATS, not Postgres.
+    let nodes = tokio::spawn(state.directory.clone().follow_nodes(
+        state.js.clone(),
+        state.ns.clone(),
+        shutdown.clone(),
+    ));
+    let serve_opts = serve::ServeOptions::new(&state.opts.limits);
+    let presence = state.presence.clone();
     let app = router(state);
     let token = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await?;
+    let closing = presence.stopping().clone();
+    // TCP_NODELAY, header limits and the drain deadline: see `serve`.
+    serve::serve(listener, app, serve_opts, async move {
+        token.cancelled().await;
+        // WebSockets and grace tasks end now; otherwise open sockets hold the drain.
+        closing.cancel();
+    })
+    .await?;
     shutdown.cancel();
+    presence.close().await;
     let _ = refresh.await;
+    let _ = nodes.await;
     Ok(())
 }

@@ -20,6 +20,12 @@ use schemas::Namespace;
 
 const DEFAULT_WINDOW_SECS: u64 = 60;
 
+/// Longest a request waits for the rate limiter's answer before it is let through.
+const REDIS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Requests admitted without a rate-limit check because Redis did not answer.
+pub const FAIL_OPEN: &str = "sluice_rate_limit_fail_open_total";
+
 #[derive(Clone)]
 pub struct RateLimiter {
     redis: Option<ConnectionManager>,
@@ -162,7 +168,17 @@ impl RateLimiter {
             invocation.arg(l.limit).arg(l.cost);
         }
         let mut conn = redis.clone();
-        let result: Result<usize, redis::RedisError> = invocation.invoke_async(&mut conn).await;
+        // Never let a slow or reconnecting Redis hold the request: past this, fail open.
+        let result: Result<usize, redis::RedisError> =
+            tokio::time::timeout(REDIS_WAIT, invocation.invoke_async(&mut conn))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "Redis did not answer in time",
+                    )
+                    .into())
+                });
         match result {
             Ok(0) => {
                 if self.warned.swap(false, Ordering::Relaxed) {
@@ -175,6 +191,9 @@ impl RateLimiter {
                 retry_after: (self.window_ms - elapsed).div_ceil(1000).max(1),
             },
             Err(e) => {
+                // Counted per request let through unchecked, so an operator sees how much
+                // traffic the outage admitted (`docs/guarantees.md`, Redis down).
+                metrics::counter!(FAIL_OPEN).increment(1);
                 if !self.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "Redis unreachable: rate limits are not enforced until it is back");
                 }

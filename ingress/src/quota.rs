@@ -1,13 +1,22 @@
 //! Admission by money and rate: a request is queued only if its key may use the model,
-//! every RPM/TPM limit of its key and user admits it, and the key's balance covers its
-//! estimated cost.
+//! every RPM/TPM limit of its key and user admits it, and the money it may draw on covers
+//! its estimated cost.
+//!
+//! Whose money ([`Account`]): a key without a user spends its own allowance (quota +
+//! credits, unlimited without a quota). A key with a user spends the user's wallet — the
+//! balance shared by all their keys plus, for a model the user's plan pays for, the plan's
+//! quota left this month (billing draws on the plan first) — and, when the key has a quota,
+//! no more than that cap. A request must fit every account it draws on.
 //!
 //! The estimate is prompt tokens (tiktoken) plus `max_tokens` (or
 //! [`DEFAULT_COMPLETION_TOKENS`]) at the model's price in force. It is *held* in Redis —
-//! one hash per key, request id → amount, plus a sorted set of expiry times — by one Lua
-//! script that admits only if `remaining − Σ holds ≥ estimate`, so concurrent requests on
-//! every ingress together never promise more than the balance: a key overspends at most by
-//! what a request uses beyond its own estimate.
+//! one hash per account, request id → amount, plus a sorted set of expiry times — by one
+//! Lua script that admits only if `remaining − Σ holds ≥ estimate` on every account of the
+//! request, so concurrent requests on every ingress and through every key of a user together
+//! never promise more than the money: an account overspends at most by what a request uses
+//! beyond its own estimate. One hash per user holds requests on plan-paid and other models
+//! alike; a request on a model outside the plan is measured against the balance alone, so
+//! holds of plan-paid requests make it conservative, never generous.
 //!
 //! A hold's life: reserved at admission (expires after the request timeout plus a margin,
 //! so a crashed ingress frees it); at the terminal frame set to the real cost (or dropped
@@ -81,6 +90,28 @@ pub fn estimate(price: Option<Price>, ask: Ask<'_>) -> Estimate {
     }
 }
 
+/// Whose money a hold is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Account {
+    /// A key's own allowance (a key without a user) or cap (a key with a user).
+    Key(Uuid),
+    /// A user's wallet: balance and plan, shared by all their keys.
+    User(Uuid),
+}
+
+/// The accounts a request of `caller` on `model` draws on, each with what is left on it as
+/// projected (holds of requests in flight not yet subtracted). Empty = unlimited.
+pub fn accounts(caller: &Caller, model: &str) -> Vec<(Account, i64)> {
+    let mut accounts = Vec::with_capacity(2);
+    if let Some(wallet) = &caller.wallet {
+        accounts.push((Account::User(wallet.user_id), wallet.available(model)));
+    }
+    if let Some(remaining) = caller.remaining_nanos {
+        accounts.push((Account::Key(caller.key_id), remaining));
+    }
+    accounts
+}
+
 /// Admits a request or refuses it with 404 (model not allowed for the key), 429
 /// `rate_limit_exceeded` with `Retry-After`, or 429 `insufficient_quota`. The returned
 /// [`Hold`] must be settled: pass the queued request's reader to [`Hold::attach`].
@@ -93,8 +124,8 @@ pub async fn admit(
     if !caller.may_use(ask.model) {
         return Err(ApiError::ModelNotFound(ask.model.to_owned()));
     }
-    let needs_tokens =
-        caller.remaining_nanos.is_some() || caller.tpm.is_some() || caller.user_tpm.is_some();
+    let accounts = accounts(caller, ask.model);
+    let needs_tokens = !accounts.is_empty() || caller.tpm.is_some() || caller.user_tpm.is_some();
     if !needs_tokens && caller.rpm.is_none() && caller.user_rpm.is_none() {
         return Ok(Hold::none());
     }
@@ -118,31 +149,26 @@ pub async fn admit(
     let mut hold = Hold(Some(HoldInner {
         store: state.directory.holds().clone(),
         limiter: state.limiter.clone(),
-        key_id: caller.key_id,
         request_id,
         price,
-        reserved: false,
+        accounts: Vec::new(),
         tpm_counters,
         tpm_counted: tokens,
     }));
-    if let Some(remaining) = caller.remaining_nanos {
+    if !accounts.is_empty() {
         let expire = state.opts.request_timeout + RESERVE_MARGIN;
         let store = state.directory.holds();
-        match store
-            .reserve(caller.key_id, request_id, remaining, est.cost, expire)
-            .await
-        {
+        match store.reserve(&accounts, request_id, est.cost, expire).await {
             Reservation::Held => {
                 if let Some(inner) = hold.0.as_mut() {
-                    inner.reserved = true;
+                    inner.accounts = accounts.iter().map(|(a, _)| *a).collect();
                 }
             }
-            Reservation::Refused => {
-                hold.release().await;
-                return Err(ApiError::InsufficientQuota);
-            }
-            Reservation::Unavailable if remaining > 0 && remaining >= est.cost.0 => {}
-            Reservation::Unavailable => {
+            Reservation::Unavailable
+                if accounts
+                    .iter()
+                    .all(|(_, left)| *left > 0 && *left >= est.cost.0) => {}
+            Reservation::Refused | Reservation::Unavailable => {
                 hold.release().await;
                 return Err(ApiError::InsufficientQuota);
             }
@@ -222,10 +248,10 @@ pub struct Hold(Option<HoldInner>);
 struct HoldInner {
     store: HoldStore,
     limiter: RateLimiter,
-    key_id: Uuid,
     request_id: Uuid,
     price: Option<Price>,
-    reserved: bool,
+    /// The accounts holding the estimate (none when nothing was reserved).
+    accounts: Vec<Account>,
     tpm_counters: Vec<String>,
     tpm_counted: u64,
 }
@@ -287,12 +313,12 @@ impl Hold {
     /// Drops the hold at once (the request was never queued).
     pub async fn release(mut self) {
         if let Some(inner) = self.0.take() {
-            if inner.reserved {
-                inner
-                    .store
-                    .release(&[(inner.key_id, inner.request_id)])
-                    .await;
-            }
+            let pairs: Vec<(Account, Uuid)> = inner
+                .accounts
+                .iter()
+                .map(|a| (*a, inner.request_id))
+                .collect();
+            inner.store.release(&pairs).await;
         }
     }
 }
@@ -301,11 +327,9 @@ impl HoldInner {
     /// `Some(cost)`: the hold becomes the real cost (0 drops it); `None`: the estimate
     /// stays. Either way it now waits for the ledger with a short expiry.
     async fn settle(self, cost: Option<Nanos>) {
-        if self.reserved {
-            self.store
-                .settle(self.key_id, self.request_id, cost, SETTLED_HOLD)
-                .await;
-        }
+        self.store
+            .settle(&self.accounts, self.request_id, cost, SETTLED_HOLD)
+            .await;
     }
 }
 
@@ -342,56 +366,68 @@ impl std::fmt::Debug for HoldStore {
     }
 }
 
-// The holds of a key: a hash of request id → nanos plus a running total in its field
+// The holds of an account: a hash of request id → nanos plus a running total in its field
 // `_sum` (so admission is O(1), not a sum over every request in flight), and a sorted set
 // of request ids scored by expiry (ms). Amounts stay integers (HINCRBY) below 2^53.
 
-// KEYS[1] holds, KEYS[2] expiries. ARGV: now ms, remaining, estimate, request id, expiry ms,
-// idle TTL ms. Returns 1 and holds the estimate if the balance covers it, else 0.
+// KEYS: holds and expiries of each account, in pairs. ARGV: now ms, estimate, request id,
+// expiry ms, idle TTL ms, then what is left on each account. Returns 1 and holds the
+// estimate on every account if each covers it, else 0 and holds nothing.
 static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, id in ipairs(expired) do
-  local v = redis.call('HGET', KEYS[1], id)
-  if v then
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('HINCRBY', KEYS[1], '_sum', -tonumber(v))
+local est = tonumber(ARGV[2])
+for i = 1, #KEYS / 2 do
+  local holds, expiries = KEYS[2*i-1], KEYS[2*i]
+  local expired = redis.call('ZRANGEBYSCORE', expiries, '-inf', ARGV[1])
+  for _, id in ipairs(expired) do
+    local v = redis.call('HGET', holds, id)
+    if v then
+      redis.call('HDEL', holds, id)
+      redis.call('HINCRBY', holds, '_sum', -tonumber(v))
+    end
   end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', expiries, '-inf', ARGV[1]) end
+  local held = tonumber(redis.call('HGET', holds, '_sum') or '0')
+  local left = tonumber(ARGV[5 + i]) - held
+  if left <= 0 or left < est then return 0 end
 end
-if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1]) end
-local held = tonumber(redis.call('HGET', KEYS[1], '_sum') or '0')
-local left = tonumber(ARGV[2]) - held
-local est = tonumber(ARGV[3])
-if left <= 0 or left < est then return 0 end
-redis.call('HSET', KEYS[1], ARGV[4], ARGV[3])
-redis.call('HINCRBY', KEYS[1], '_sum', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
+for i = 1, #KEYS / 2 do
+  local holds, expiries = KEYS[2*i-1], KEYS[2*i]
+  redis.call('HSET', holds, ARGV[3], ARGV[2])
+  redis.call('HINCRBY', holds, '_sum', ARGV[2])
+  redis.call('ZADD', expiries, ARGV[4], ARGV[3])
+  redis.call('PEXPIRE', holds, ARGV[5])
+  redis.call('PEXPIRE', expiries, ARGV[5])
+end
 return 1
 ",
     )
 });
 
-// ARGV: request id, cost (or '' to keep the amount), expiry ms. Only touches a hold that
-// still exists: the ledger may already have released it.
+// KEYS: holds and expiries of each account, in pairs. ARGV: request id, cost (or '' to
+// keep the amount), expiry ms. Only touches holds that still exist: the ledger may already
+// have released them.
 static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return 0 end
-if ARGV[2] == '0' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('HINCRBY', KEYS[1], '_sum', -tonumber(old))
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 1
+for i = 1, #KEYS / 2 do
+  local holds, expiries = KEYS[2*i-1], KEYS[2*i]
+  local old = redis.call('HGET', holds, ARGV[1])
+  if old then
+    if ARGV[2] == '0' then
+      redis.call('HDEL', holds, ARGV[1])
+      redis.call('HINCRBY', holds, '_sum', -tonumber(old))
+      redis.call('ZREM', expiries, ARGV[1])
+    else
+      if ARGV[2] ~= '' then
+        redis.call('HSET', holds, ARGV[1], ARGV[2])
+        redis.call('HINCRBY', holds, '_sum', tonumber(ARGV[2]) - tonumber(old))
+      end
+      redis.call('ZADD', expiries, ARGV[3], ARGV[1])
+    end
+  end
 end
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('HINCRBY', KEYS[1], '_sum', tonumber(ARGV[2]) - tonumber(old))
-end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 ",
     )
@@ -423,12 +459,23 @@ impl HoldStore {
         }
     }
 
-    fn keys(&self, key_id: Uuid) -> (String, String) {
-        let id = key_id.simple().to_string();
-        (
-            self.ns.redis_key(&["quota", &id]),
-            self.ns.redis_key(&["quota", &id, "exp"]),
-        )
+    fn keys(&self, account: Account) -> (String, String) {
+        match account {
+            Account::Key(key_id) => {
+                let id = key_id.simple().to_string();
+                (
+                    self.ns.redis_key(&["quota", &id]),
+                    self.ns.redis_key(&["quota", &id, "exp"]),
+                )
+            }
+            Account::User(user_id) => {
+                let id = user_id.simple().to_string();
+                (
+                    self.ns.redis_key(&["quota", "user", &id]),
+                    self.ns.redis_key(&["quota", "user", &id, "exp"]),
+                )
+            }
+        }
     }
 
     fn failed(&self, e: &redis::RedisError) {
@@ -437,32 +484,35 @@ impl HoldStore {
         }
     }
 
+    /// Holds `estimate` on every account if each has that much left (`(account, left)`).
     async fn reserve(
         &self,
-        key_id: Uuid,
+        accounts: &[(Account, i64)],
         request_id: Uuid,
-        remaining: i64,
         estimate: Nanos,
         expire: Duration,
     ) -> Reservation {
         let Some(redis) = &self.redis else {
             return Reservation::Unavailable;
         };
-        let (holds, expiries) = self.keys(key_id);
         let now = now_ms();
         let expire_ms = u64::try_from(expire.as_millis()).unwrap_or(u64::MAX);
-        let mut conn = redis.clone();
-        let result: Result<i64, _> = RESERVE
-            .key(holds)
-            .key(expiries)
+        let mut invocation = RESERVE.prepare_invoke();
+        for (account, _) in accounts {
+            let (holds, expiries) = self.keys(*account);
+            invocation.key(holds).key(expiries);
+        }
+        invocation
             .arg(now)
-            .arg(remaining)
             .arg(estimate.0)
             .arg(request_id.simple().to_string())
             .arg(now.saturating_add(expire_ms))
-            .arg(expire_ms.saturating_add(60_000))
-            .invoke_async(&mut conn)
-            .await;
+            .arg(expire_ms.saturating_add(60_000));
+        for (_, left) in accounts {
+            invocation.arg(*left);
+        }
+        let mut conn = redis.clone();
+        let result: Result<i64, _> = invocation.invoke_async(&mut conn).await;
         match result {
             Ok(1) => {
                 self.warned.store(false, Ordering::Relaxed);
@@ -476,32 +526,46 @@ impl HoldStore {
         }
     }
 
-    async fn settle(&self, key_id: Uuid, request_id: Uuid, cost: Option<Nanos>, hold: Duration) {
+    async fn settle(
+        &self,
+        accounts: &[Account],
+        request_id: Uuid,
+        cost: Option<Nanos>,
+        hold: Duration,
+    ) {
         let Some(redis) = &self.redis else { return };
-        let (holds, expiries) = self.keys(key_id);
+        if accounts.is_empty() {
+            return;
+        }
         let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
-        let mut conn = redis.clone();
-        let result: Result<i64, _> = SETTLE
-            .key(holds)
-            .key(expiries)
+        let mut invocation = SETTLE.prepare_invoke();
+        for account in accounts {
+            let (holds, expiries) = self.keys(*account);
+            invocation.key(holds).key(expiries);
+        }
+        invocation
             .arg(request_id.simple().to_string())
             .arg(cost.map(|c| c.0.max(0).to_string()).unwrap_or_default())
-            .arg(now_ms().saturating_add(hold_ms))
-            .invoke_async(&mut conn)
-            .await;
+            .arg(now_ms().saturating_add(hold_ms));
+        let mut conn = redis.clone();
+        let result: Result<i64, _> = invocation.invoke_async(&mut conn).await;
         if let Err(e) = result {
             self.failed(&e);
         }
     }
 
-    /// Drops the holds of `(key_id, request_id)` pairs (charged by the ledger, or never queued).
-    pub async fn release(&self, pairs: &[(Uuid, Uuid)]) {
+    /// Drops the holds of `(account, request_id)` pairs (charged by the ledger, or never
+    /// queued).
+    pub async fn release(&self, pairs: &[(Account, Uuid)]) {
         let Some(redis) = &self.redis else { return };
+        if pairs.is_empty() {
+            return;
+        }
         // In batches, so one refresh after a backlog does not build one giant script call.
         for chunk in pairs.chunks(500) {
             let mut invocation = RELEASE.prepare_invoke();
-            for (key_id, request_id) in chunk {
-                let (holds, expiries) = self.keys(*key_id);
+            for (account, request_id) in chunk {
+                let (holds, expiries) = self.keys(*account);
                 invocation.key(holds).key(expiries);
                 invocation.arg(request_id.simple().to_string());
             }
@@ -513,10 +577,10 @@ impl HoldStore {
         }
     }
 
-    /// The sum of a key's live holds (tests and diagnostics).
-    pub async fn held(&self, key_id: Uuid) -> Option<i64> {
+    /// The sum of an account's live holds (tests and diagnostics).
+    pub async fn held(&self, account: Account) -> Option<i64> {
         let redis = self.redis.as_ref()?;
-        let (holds, _) = self.keys(key_id);
+        let (holds, _) = self.keys(account);
         let mut conn = redis.clone();
         let sum: Option<i64> = redis::cmd("HGET")
             .arg(holds)
@@ -570,8 +634,8 @@ mod tests {
         HoldStore::new(Some(conn), ns)
     }
 
-    async fn cleanup(store: &HoldStore, key: Uuid) {
-        let (holds, expiries) = store.keys(key);
+    async fn cleanup(store: &HoldStore, account: Account) {
+        let (holds, expiries) = store.keys(account);
         let mut conn = store.redis.clone().expect("redis");
         let _: () = redis::pipe()
             .del(holds)
@@ -584,43 +648,45 @@ mod tests {
     #[tokio::test]
     async fn holds_never_promise_more_than_the_balance() {
         let store = store().await;
-        let key = Uuid::now_v7();
+        let key = Account::Key(Uuid::now_v7());
+        let on = |left: i64| [(key, left)];
         let long = Duration::from_secs(60);
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let held = |r: Reservation| matches!(r, Reservation::Held);
-        assert!(held(store.reserve(key, a, 100, Nanos(60), long).await));
+        assert!(held(store.reserve(&on(100), a, Nanos(60), long).await));
         // 40 left: an estimate of 50 does not fit, 40 does.
-        assert!(!held(store.reserve(key, b, 100, Nanos(50), long).await));
-        assert!(held(store.reserve(key, b, 100, Nanos(40), long).await));
+        assert!(!held(store.reserve(&on(100), b, Nanos(50), long).await));
+        assert!(held(store.reserve(&on(100), b, Nanos(40), long).await));
         assert_eq!(store.held(key).await, Some(100));
         // Nothing left, even for a free request.
-        assert!(!held(store.reserve(key, c, 100, Nanos(0), long).await));
+        assert!(!held(store.reserve(&on(100), c, Nanos(0), long).await));
         // Settling to the real cost frees the difference; a failed request frees it all.
-        store.settle(key, a, Some(Nanos(25)), long).await;
-        store.settle(key, b, Some(Nanos(0)), long).await;
+        store.settle(&[key], a, Some(Nanos(25)), long).await;
+        store.settle(&[key], b, Some(Nanos(0)), long).await;
         assert_eq!(store.held(key).await, Some(25));
         // The ledger charged `a`: its hold goes; settling it again later changes nothing.
         store.release(&[(key, a)]).await;
-        store.settle(key, a, Some(Nanos(25)), long).await;
+        store.settle(&[key], a, Some(Nanos(25)), long).await;
         assert_eq!(store.held(key).await, Some(0));
         // An expired hold no longer counts.
         let short = Duration::from_millis(1);
-        assert!(held(store.reserve(key, c, 100, Nanos(100), short).await));
+        assert!(held(store.reserve(&on(100), c, Nanos(100), short).await));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(held(store.reserve(key, a, 100, Nanos(100), long).await));
+        assert!(held(store.reserve(&on(100), a, Nanos(100), long).await));
         cleanup(&store, key).await;
     }
 
     #[tokio::test]
     async fn concurrent_reservations_fit_the_balance() {
         let store = store().await;
-        let key = Uuid::now_v7();
+        let key = Account::Key(Uuid::now_v7());
         let tasks: Vec<_> = (0..50)
             .map(|_| {
                 let store = store.clone();
                 tokio::spawn(async move {
                     let hold = Duration::from_secs(60);
-                    let r = store.reserve(key, Uuid::now_v7(), 1_000, Nanos(70), hold);
+                    let on = [(key, 1_000)];
+                    let r = store.reserve(&on, Uuid::now_v7(), Nanos(70), hold);
                     matches!(r.await, Reservation::Held)
                 })
             })
@@ -632,6 +698,112 @@ mod tests {
         assert_eq!(held, 14); // 14 × 70 = 980 ≤ 1000 < 15 × 70
         assert_eq!(store.held(key).await, Some(980));
         cleanup(&store, key).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_must_fit_every_account_it_draws_on() {
+        let store = store().await;
+        let user = Account::User(Uuid::now_v7());
+        let (capped, other) = (Account::Key(Uuid::now_v7()), Account::Key(Uuid::now_v7()));
+        let long = Duration::from_secs(60);
+        let held = |r: Reservation| matches!(r, Reservation::Held);
+        let (a, b, c, d) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        // The user has 100; one key is capped at 50, the other is not.
+        assert!(held(
+            store
+                .reserve(&[(user, 100), (capped, 50)], a, Nanos(40), long)
+                .await
+        ));
+        // The cap refuses, and the user's balance is not held either.
+        assert!(!held(
+            store
+                .reserve(&[(user, 100), (capped, 50)], b, Nanos(20), long)
+                .await
+        ));
+        assert_eq!(store.held(user).await, Some(40));
+        // The other key shares the user's balance: 60 left there.
+        assert!(!held(
+            store.reserve(&[(user, 100)], c, Nanos(70), long).await
+        ));
+        assert!(held(
+            store.reserve(&[(user, 100)], c, Nanos(60), long).await
+        ));
+        assert!(!held(
+            store.reserve(&[(user, 100)], d, Nanos(1), long).await
+        ));
+        // Settling and releasing move every account of the request.
+        store
+            .settle(&[user, capped], a, Some(Nanos(10)), long)
+            .await;
+        assert_eq!(
+            (store.held(user).await, store.held(capped).await),
+            (Some(70), Some(10))
+        );
+        store.release(&[(user, a), (capped, a), (user, c)]).await;
+        assert_eq!(
+            (store.held(user).await, store.held(capped).await),
+            (Some(0), Some(0))
+        );
+        assert_eq!(store.held(other).await, Some(0));
+        for account in [user, capped, other] {
+            cleanup(&store, account).await;
+        }
+    }
+
+    #[test]
+    fn a_users_key_draws_on_the_wallet_and_its_cap() {
+        use crate::directory::{PlanGrant, Wallet};
+        let (key_id, user_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let wallet = Wallet {
+            user_id,
+            balance_nanos: 300,
+            plan: Some(PlanGrant {
+                plan_id: Uuid::now_v7(),
+                models: vec!["in-plan".into()],
+                left_nanos: 1_000,
+            }),
+        };
+        let mut caller = Caller {
+            key_id,
+            user_id: Some(user_id),
+            group: "default".into(),
+            rpm: None,
+            tpm: None,
+            user_rpm: None,
+            user_tpm: None,
+            allowed_models: vec![],
+            remaining_nanos: None,
+            wallet: Some(std::sync::Arc::new(wallet.clone())),
+        };
+        // The plan adds to the balance only for its models.
+        assert_eq!(
+            accounts(&caller, "in-plan"),
+            [(Account::User(user_id), 1_300)]
+        );
+        assert_eq!(accounts(&caller, "other"), [(Account::User(user_id), 300)]);
+        caller.remaining_nanos = Some(50);
+        assert_eq!(
+            accounts(&caller, "other"),
+            [(Account::User(user_id), 300), (Account::Key(key_id), 50)]
+        );
+        // An overrun balance does not eat into the plan; a used-up plan adds nothing.
+        let overrun = Wallet {
+            balance_nanos: -20,
+            ..wallet.clone()
+        };
+        assert_eq!(overrun.available("in-plan"), 1_000);
+        assert_eq!(overrun.available("other"), 0);
+        // A key without a user: its own allowance, or nothing to check at all.
+        caller.wallet = None;
+        caller.user_id = None;
+        assert_eq!(accounts(&caller, "other"), [(Account::Key(key_id), 50)]);
+        caller.remaining_nanos = None;
+        assert!(accounts(&caller, "other").is_empty());
     }
 
     #[tokio::test]

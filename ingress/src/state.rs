@@ -24,6 +24,14 @@ pub struct IngressOptions {
     pub secret_key: Option<schemas::sealed::SecretKey>,
     /// `SLUICE_JWT_SECRET`: signs `/api` session tokens (HS256). Unset = sign-in disabled.
     pub jwt_secret: Option<String>,
+    /// `SLUICE_RESUME_GRACE_SECS`: how long a stream's generation outlives its client, so
+    /// the client can resume it; after that, with nobody attached, it is cancelled and its
+    /// partial usage billed. Zero cancels as soon as the client is gone.
+    pub resume_grace: std::time::Duration,
+    /// Requests one WebSocket may have in flight at once; more get an error frame.
+    pub ws_max_requests: usize,
+    /// Load shedding, drain, body and header limits (`SLUICE_MAX_QUEUE_DEPTH`, ...).
+    pub limits: crate::backpressure::IngressLimits,
 }
 
 impl Default for IngressOptions {
@@ -35,6 +43,9 @@ impl Default for IngressOptions {
             admin_token: None,
             secret_key: None,
             jwt_secret: None,
+            resume_grace: crate::presence::grace_from_env(),
+            ws_max_requests: 16,
+            limits: crate::backpressure::IngressLimits::from_env(4 * 1024 * 1024),
         }
     }
 }
@@ -47,4 +58,10 @@ pub struct AppState {
     pub directory: Directory,
     pub limiter: RateLimiter,
     pub opts: IngressOptions,
+    /// Clients attached to streams, and the resume grace of those who left.
+    pub presence: std::sync::Arc<crate::presence::Presence>,
+    /// The request queue's depth, for load shedding.
+    pub queue: std::sync::Arc<crate::backpressure::QueueGauge>,
+    /// The opt-in response cache (Redis).
+    pub cache: crate::cache::ResponseCache,
 }

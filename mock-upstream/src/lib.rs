@@ -8,9 +8,11 @@
 //! It is also the baseline of the benchmarks (gateway overhead = gateway minus calling the mock
 //! directly), so the hot path avoids logging, locks held across awaits and needless allocation.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -41,6 +43,11 @@ pub(crate) struct Shared {
     /// Cancelled on shutdown so hanging requests and slow streams end instead of blocking the
     /// graceful shutdown forever.
     pub(crate) shutdown: CancellationToken,
+    /// Off by default, so the benchmark baseline pays one relaxed load per request.
+    recording: AtomicBool,
+    /// The last chat request body per model, while recording (tests check what the
+    /// gateway sent upstream, e.g. a session's history).
+    last_bodies: Mutex<HashMap<String, axum::body::Bytes>>,
 }
 
 impl Shared {
@@ -49,7 +56,19 @@ impl Shared {
             config: RwLock::new(Arc::new(config)),
             counters: Arc::new(Counters::default()),
             shutdown,
+            recording: AtomicBool::new(false),
+            last_bodies: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Keeps `body` as the last request for `model` when recording is on.
+    pub(crate) fn record_body(&self, model: &str, body: &axum::body::Bytes) {
+        if self.recording.load(Ordering::Relaxed) {
+            self.last_bodies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(model.to_owned(), body.clone());
+        }
     }
 
     pub(crate) fn config(&self) -> Arc<MockConfig> {
@@ -109,6 +128,30 @@ impl MockUpstream {
     /// Zeroes the counters.
     pub fn reset_stats(&self) {
         self.shared.counters.reset();
+    }
+
+    /// Starts (or stops) keeping the last chat request body per model, for
+    /// [`MockUpstream::last_body`]. Stopping forgets what was kept.
+    pub fn record_bodies(&self, on: bool) {
+        self.shared.recording.store(on, Ordering::Relaxed);
+        if !on {
+            self.shared
+                .last_bodies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+    }
+
+    /// The last chat request body received for `model` (as the client named it in the
+    /// body) while recording, parsed.
+    pub fn last_body(&self, model: &str) -> Option<serde_json::Value> {
+        let bodies = self
+            .shared
+            .last_bodies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        serde_json::from_slice(bodies.get(model)?).ok()
     }
 
     /// Replaces the server-wide knobs; requests already running keep the old ones.

@@ -352,6 +352,7 @@ pub(crate) async fn chat_completions(
     let Some(model) = req.model.as_deref() else {
         return invalid_request("you must provide a model parameter", None, None);
     };
+    shared.record_body(model, &body);
     let Some(messages) = req.messages.as_deref() else {
         return invalid_request(
             "Missing required parameter: 'messages'.",

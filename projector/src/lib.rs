@@ -13,12 +13,15 @@
 //!   between a live read model and a rebuilt one, for `sluice replay` and `sluice audit`.
 //! - [`requests`]: the `requests` read model (one row per request: outcome, channel,
 //!   latency), run by `sluice projector`.
+//! - [`conversations`]: the `sessions`, `messages` and `session_rounds` read models of
+//!   the sessions API, run by `sluice projector` too.
 //! - [`bus`] and [`db`]: NATS streams and Postgres connections of a namespace.
 //!
 //! Nothing here logs event data (it may hold prompt text): positions, types and ids only.
 
 mod backoff;
 pub mod bus;
+pub mod conversations;
 pub mod db;
 pub mod journal;
 pub mod log;
@@ -26,6 +29,7 @@ pub mod replay;
 pub mod requests;
 pub mod runtime;
 
+pub use conversations::ConversationsProjection;
 pub use journal::{run_journal, JournalError};
 pub use log::{append_batch, head, read_after, read_range, StoredEvent};
 pub use requests::RequestsProjection;

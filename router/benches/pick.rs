@@ -1,9 +1,10 @@
 //! Cost of routing one request: `plan` over 100 channels, printed as ns per plan (the
 //! first choice alone, and a whole plan of 6 attempts).
 //!
-//! `cargo bench -p router --bench pick`. Three shapes of the same 100 channels serving
-//! one model: one tier of 100 (the worst case for the in-tier choice), ten tiers of ten,
-//! and one tier where 30 channels are banned and some carry load.
+//! `cargo bench -p router --bench pick`. Shapes of the same 100 channels serving one
+//! model: one tier of 100 (the worst case for the in-tier choice), ten tiers of ten, one
+//! tier where 30 channels are banned and some carry load, and one tier next to 20 personal
+//! channels of 10 users (for a caller with 2 of them, and for one without).
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -44,17 +45,24 @@ fn channels(tiers: usize) -> Vec<Arc<Channel>> {
                 retry: 2,
                 groups: Vec::new(),
                 enabled: true,
+                timeouts: Default::default(),
+                owner: None,
             })
         })
         .collect()
 }
 
 fn measure(label: &str, snapshot: &Snapshot, max_attempts: u32) {
+    measure_for(label, snapshot, max_attempts, None);
+}
+
+fn measure_for(label: &str, snapshot: &Snapshot, max_attempts: u32, user: Option<Uuid>) {
     let mut rng = SmallRng::seed_from_u64(1);
     let policy = Policy { max_attempts };
     let route = Route {
         model: "gpt-4o-mini",
         group: "default",
+        user,
     };
     // Warm up caches and the allocator.
     for _ in 0..10_000 {
@@ -107,4 +115,32 @@ fn main() {
         6,
     );
     drop(guards);
+
+    // Personal channels: 10 users with 2 each besides the 100 shared ones; the caller is
+    // one of them, so their 2 go first.
+    let book = HealthBook::default();
+    let mut chans = channels(1);
+    let users: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    for (i, user) in users.iter().enumerate() {
+        for j in 0..2 {
+            let mut own = (*chans[0]).clone();
+            own.id = Uuid::now_v7();
+            own.name = format!("personal-{i}-{j}");
+            own.owner = Some(*user);
+            chans.push(Arc::new(own));
+        }
+    }
+    let with_personal = Snapshot::build(chans, &book);
+    measure_for(
+        "one tier of 100 + caller's 2 personal, whole plan",
+        &with_personal,
+        6,
+        Some(users[0]),
+    );
+    measure_for(
+        "same, caller without personal channels",
+        &with_personal,
+        6,
+        Some(Uuid::now_v7()),
+    );
 }

@@ -30,6 +30,11 @@ pub struct Channel {
     /// User groups allowed; empty means every group.
     pub groups: Vec<String>,
     pub enabled: bool,
+    /// Time limits of calls to this channel (unset = the workers' defaults).
+    pub timeouts: schemas::config::ChannelTimeouts,
+    /// The user whose personal channel this is (bring your own key): it serves only that
+    /// user's requests, ahead of every shared channel. `None` = shared.
+    pub owner: Option<Uuid>,
 }
 
 impl Channel {
@@ -66,6 +71,8 @@ impl std::fmt::Debug for Channel {
             .field("retry", &self.retry)
             .field("groups", &self.groups)
             .field("enabled", &self.enabled)
+            .field("timeouts", &self.timeouts)
+            .field("owner", &self.owner)
             .finish()
     }
 }
@@ -89,6 +96,8 @@ pub(crate) mod tests {
             retry: 1,
             groups: Vec::new(),
             enabled: true,
+            timeouts: Default::default(),
+            owner: None,
         }
     }
 

@@ -226,6 +226,11 @@ impl Health {
         if until_ms == 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.probe_until_ms.store(0, Ordering::Release);
+        } else if self.banned_until_ms.load(Ordering::Acquire) != until_ms {
+            // Another ban period (a failed probe bans again): the probe claimed in the
+            // previous one is over, or this worker would skip the next probe for the whole
+            // claim's lifetime.
+            self.probe_until_ms.store(probe_until_ms, Ordering::Release);
         } else {
             self.probe_until_ms
                 .fetch_max(probe_until_ms, Ordering::AcqRel);
@@ -427,6 +432,24 @@ mod tests {
         assert!(!h.try_claim_probe(T0 + 1_000, &cfg()));
         h.apply_remote(0, 0);
         assert_eq!(h.availability(T0 + 1_000), Availability::Closed);
+    }
+
+    #[test]
+    fn a_remote_failed_probe_frees_the_next_probe() {
+        let h = Health::default();
+        h.apply_remote(T0 + 1_000, 0);
+        // Another worker claims the probe when the ban runs out...
+        h.apply_remote(T0 + 1_000, T0 + 31_000);
+        // ...the probe fails and bans again for a second.
+        h.apply_remote(T0 + 3_000, 0);
+        assert_eq!(h.availability(T0 + 2_000), Availability::Banned(T0 + 3_000));
+        // When that ban runs out, the next probe is free here too, not blocked until the
+        // old claim would have expired.
+        assert_eq!(
+            h.availability(T0 + 3_000),
+            Availability::HalfOpen { probe_free: true }
+        );
+        assert!(h.try_claim_probe(T0 + 3_000, &cfg()));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use rand::Rng;
+use uuid::Uuid;
 
 use crate::channel::Channel;
 use crate::health::{Availability, Health};
@@ -19,6 +20,8 @@ pub struct Route<'a> {
     pub model: &'a str,
     /// The caller's key group.
     pub group: &'a str,
+    /// The user the caller's key belongs to: their personal channels are tried first.
+    pub user: Option<Uuid>,
 }
 
 /// Limits of one request's plan.
@@ -73,8 +76,10 @@ struct Candidate {
 /// 1. Candidates are the enabled channels that list the model (the snapshot's index) and
 ///    admit the caller's group, minus banned ones and half-open ones whose probe another
 ///    request holds.
-/// 2. Tiers go lowest `priority` first, so a tier is only tried once every channel of the
-///    tiers before it failed.
+/// 2. The caller's personal channels (bring your own key) come first, in their own
+///    priority tiers, then the shared channels' tiers; tiers go lowest `priority` first,
+///    so a tier is only tried once every channel of the tiers before it failed. Other
+///    users' personal channels are never candidates.
 /// 3. Within a tier, power of two choices: two distinct channels are drawn with
 ///    probability proportional to weight, and the one with fewer calls in flight per unit
 ///    of weight goes next (a tie keeps the first draw). Idle channels therefore split
@@ -95,8 +100,11 @@ pub fn plan(
         attempts: Vec::with_capacity(budget),
         banned_until_ms: None,
     };
-    let tiers = snapshot.tiers(route.model);
-    let widest = tiers.iter().map(|t| t.members.len()).max().unwrap_or(0);
+    let personal = route
+        .user
+        .map_or(&[][..], |user| snapshot.personal_tiers(user, route.model));
+    let tiers = personal.iter().chain(snapshot.tiers(route.model));
+    let widest = tiers.clone().map(|t| t.members.len()).max().unwrap_or(0);
     let mut candidates: Vec<Candidate> = Vec::with_capacity(widest);
     for tier in tiers {
         if out.attempts.len() >= budget {
@@ -214,7 +222,11 @@ mod tests {
     }
 
     fn route<'a>(model: &'a str, group: &'a str) -> Route<'a> {
-        Route { model, group }
+        Route {
+            model,
+            group,
+            user: None,
+        }
     }
 
     fn names(p: &Plan) -> Vec<&str> {
@@ -443,6 +455,88 @@ mod tests {
         let p = plan(&s, route("m", "g"), &Policy::default(), until + 2, &mut rng);
         assert_eq!(names(&p), ["primary", "primary", "backup"]);
         assert!(!p.attempts[0].probe);
+    }
+
+    #[test]
+    fn personal_channels_go_first_for_their_owner_only() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let alice = Uuid::now_v7();
+        let bob = Uuid::now_v7();
+        let mut shared = channel("shared", &["m"]);
+        shared.priority = -5;
+        let mut mine = channel("alice-own", &["m", "alice-only"]);
+        mine.owner = Some(alice);
+        mine.priority = 10;
+        mine.retry = 2;
+        let mut mine_later = channel("alice-backup", &["m"]);
+        mine_later.owner = Some(alice);
+        mine_later.priority = 20;
+        let mut theirs = channel("bob-own", &["m"]);
+        theirs.owner = Some(bob);
+        let s = snap(vec![shared, mine, mine_later, theirs]);
+        let as_user = |user, model, rng: &mut StdRng| {
+            let r = Route {
+                model,
+                group: "g",
+                user,
+            };
+            plan(&s, r, &Policy::default(), NOW, rng)
+        };
+        // The owner's channels, in their own priority order, ahead of every shared tier
+        // (whatever its priority).
+        assert_eq!(
+            names(&as_user(Some(alice), "m", &mut rng)),
+            ["alice-own", "alice-own", "alice-backup", "shared"]
+        );
+        assert_eq!(
+            names(&as_user(Some(bob), "m", &mut rng)),
+            ["bob-own", "shared"]
+        );
+        // Nobody else ever gets them: not another user, not a key without a user.
+        assert_eq!(
+            names(&as_user(Some(Uuid::now_v7()), "m", &mut rng)),
+            ["shared"]
+        );
+        assert_eq!(names(&as_user(None, "m", &mut rng)), ["shared"]);
+        assert_eq!(
+            names(&as_user(Some(alice), "alice-only", &mut rng)),
+            ["alice-own", "alice-own"]
+        );
+        let other = as_user(Some(bob), "alice-only", &mut rng);
+        assert!(other.attempts.is_empty());
+        assert_eq!(other.banned_until_ms, None);
+    }
+
+    #[test]
+    fn a_banned_or_disabled_personal_channel_falls_back_to_shared_ones() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let alice = Uuid::now_v7();
+        let mut mine = channel("mine", &["m"]);
+        mine.owner = Some(alice);
+        let mut vip_only = channel("mine-vip", &["m"]);
+        vip_only.owner = Some(alice);
+        vip_only.groups = vec!["vip".to_owned()];
+        let s = snap(vec![mine.clone(), vip_only, channel("shared", &["m"])]);
+        let r = Route {
+            model: "m",
+            group: "default",
+            user: Some(alice),
+        };
+        // Groups filter personal channels like shared ones.
+        assert_eq!(
+            names(&plan(&s, r, &Policy::default(), NOW, &mut rng)),
+            ["mine", "shared"]
+        );
+        ban(&s, "mine", NOW);
+        let p = plan(&s, r, &Policy::default(), NOW + 1, &mut rng);
+        assert_eq!(names(&p), ["shared"]);
+        assert_eq!(p.banned_until_ms, Some(NOW + 60_000));
+        mine.enabled = false;
+        let s = snap(vec![mine, channel("shared", &["m"])]);
+        assert_eq!(
+            names(&plan(&s, r, &Policy::default(), NOW, &mut rng)),
+            ["shared"]
+        );
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct FileConfig {
     pub prices: Vec<PriceConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Subscription plans (monthly quota and model allow-list), upserted by name.
+    #[serde(default)]
+    pub plans: Vec<PlanConfig>,
     /// Failover and circuit-breaker tuning of the workers.
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -85,6 +88,44 @@ pub struct ChannelConfig {
     pub groups: Vec<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Time limits of calls to this channel; unset fields take the workers' defaults.
+    #[serde(default)]
+    pub timeouts: ChannelTimeouts,
+}
+
+/// `timeouts:` of a channel, in whole seconds; `None` = the workers' default. Stored as
+/// JSON in the `channels.timeouts` column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelTimeouts {
+    /// Establishing the TCP (and TLS) connection (default 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_secs: Option<u64>,
+    /// From sending the request to the first generated token of a stream (default 120 s:
+    /// reasoning models think in silence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_secs: Option<u64>,
+    /// Longest silence between two chunks of a stream (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_secs: Option<u64>,
+    /// One attempt from start to end (default 300 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_secs: Option<u64>,
+}
+
+impl ChannelTimeouts {
+    /// The name of the first field set to an unusable value (0, or more than a day).
+    pub fn invalid_field(&self) -> Option<&'static str> {
+        [
+            ("connect_secs", self.connect_secs),
+            ("first_token_secs", self.first_token_secs),
+            ("idle_secs", self.idle_secs),
+            ("total_secs", self.total_secs),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.is_some_and(|s| s == 0 || s > 86_400))
+        .map(|(name, _)| name)
+    }
 }
 
 fn one() -> u32 {
@@ -133,6 +174,25 @@ fn non_negative(s: &str) -> Result<Nanos, MoneyError> {
         return Err(MoneyError::Negative(s.to_owned()));
     }
     Ok(n)
+}
+
+/// A plan: `quota` is USD per calendar month (UTC) as a decimal string; `models` the
+/// models it pays for (empty = every model); `public` whether users may pick it themselves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    pub name: String,
+    pub quota: String,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+impl PlanConfig {
+    pub fn monthly_quota(&self) -> Result<Nanos, MoneyError> {
+        non_negative(&self.quota)
+    }
 }
 
 /// A bootstrap API key (stored hashed).
@@ -239,6 +299,12 @@ impl FileConfig {
             if c.retry == 0 {
                 return bad(format!("channels[{i}].retry"), "must be at least 1".into());
             }
+            if let Some(field) = c.timeouts.invalid_field() {
+                return bad(
+                    format!("channels[{i}].timeouts.{field}"),
+                    "must be between 1 and 86400 seconds".into(),
+                );
+            }
             for from in c.model_map.keys() {
                 if !c.models.contains(from) {
                     return bad(
@@ -251,6 +317,21 @@ impl FileConfig {
         for (i, p) in self.prices.iter().enumerate() {
             if let Err(e) = p.to_price() {
                 return bad(format!("prices[{i}]"), e.to_string());
+            }
+        }
+        let mut plan_names = std::collections::HashSet::new();
+        for (i, p) in self.plans.iter().enumerate() {
+            if p.name.trim().is_empty() {
+                return bad(format!("plans[{i}].name"), "must not be empty".into());
+            }
+            if !plan_names.insert(p.name.trim().to_lowercase()) {
+                return bad(
+                    format!("plans[{i}].name"),
+                    format!("duplicate plan name `{}`", p.name),
+                );
+            }
+            if let Err(e) = p.monthly_quota() {
+                return bad(format!("plans[{i}].quota"), e.to_string());
             }
         }
         for (i, k) in self.keys.iter().enumerate() {
@@ -267,6 +348,202 @@ impl FileConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `node.yaml`, the configuration of a remote worker node (`sluice node --config FILE`):
+/// where the gateway's NATS is, what the node is called, how many calls it takes at once,
+/// and the local providers whose models it serves under which names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The gateway's NATS (`nats://user:pass@host:4222`, `tls://host:4222`, or a leaf
+    /// node's local URL); `SLUICE_NATS_URL` overrides it.
+    pub nats_url: Option<String>,
+    /// A NATS credentials file (`.creds`: JWT and NKey seed) for decentralised auth.
+    #[serde(default)]
+    pub nats_credentials: Option<String>,
+    /// PEM root certificates to trust for a `tls://` NATS URL signed by a private CA.
+    #[serde(default)]
+    pub nats_ca_file: Option<String>,
+    /// Shown in `/api/admin/nodes`, logs and events (as channel `node:<name>`).
+    pub name: String,
+    /// Calls this node runs at once; more are refused so the worker tries elsewhere.
+    #[serde(default = "default_max_parallel")]
+    pub max_parallel: u32,
+    /// `SLUICE_NAMESPACE` overrides it; default `sluice`.
+    pub namespace: Option<String>,
+    /// Routing priority of the node's channel (lower is tried first), as for channels.
+    #[serde(default)]
+    pub priority: i32,
+    pub providers: Vec<NodeProviderConfig>,
+}
+
+/// One local provider of a node: like a channel (`type`, `base_url`, `api_key`), with the
+/// models it serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeProviderConfig {
+    #[serde(rename = "type")]
+    pub provider_type: String,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    pub models: Vec<NodeModelConfig>,
+    /// Time limits of calls to this provider; unset fields take the defaults.
+    #[serde(default)]
+    pub timeouts: ChannelTimeouts,
+}
+
+/// A model of a node's provider: `local` is the provider's name for it, `serve_as` the
+/// name clients ask for (default: the same).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeModelConfig {
+    pub local: String,
+    #[serde(default)]
+    pub serve_as: Option<String>,
+}
+
+impl NodeModelConfig {
+    /// The name clients ask for.
+    pub fn served(&self) -> &str {
+        self.serve_as.as_deref().unwrap_or(&self.local)
+    }
+}
+
+fn default_max_parallel() -> u32 {
+    4
+}
+
+/// The most calls one node may announce; beyond it is surely a typo.
+pub const NODE_MAX_PARALLEL: u32 = 10_000;
+
+impl NodeConfig {
+    /// Parses `node.yaml` after `${VAR}` substitution; errors name the field path.
+    pub fn parse(
+        text: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let text = substitute_env(text, lookup)?;
+        let de = serde_yaml::Deserializer::from_str(&text);
+        let cfg: NodeConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Invalid {
+                path: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |path: String, message: &str| {
+            Err(ConfigError::Invalid {
+                path,
+                message: message.to_owned(),
+            })
+        };
+        let name = self.name.trim();
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return bad("name".into(), "use 1-64 printable characters");
+        }
+        if self.max_parallel == 0 || self.max_parallel > NODE_MAX_PARALLEL {
+            return bad("max_parallel".into(), "must be between 1 and 10000");
+        }
+        if self.providers.is_empty() {
+            return bad("providers".into(), "list at least one provider");
+        }
+        let mut served = std::collections::HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if p.provider_type == "node" {
+                return bad(
+                    format!("providers[{i}].type"),
+                    "a node's provider cannot itself be a node",
+                );
+            }
+            if p.models.is_empty() {
+                return bad(format!("providers[{i}].models"), "list at least one model");
+            }
+            if let Some(field) = p.timeouts.invalid_field() {
+                return bad(
+                    format!("providers[{i}].timeouts.{field}"),
+                    "must be between 1 and 86400 seconds",
+                );
+            }
+            for (j, m) in p.models.iter().enumerate() {
+                if m.local.trim().is_empty() || m.served().trim().is_empty() {
+                    return bad(
+                        format!("providers[{i}].models[{j}]"),
+                        "`local` and `serve_as` must not be empty",
+                    );
+                }
+                if !served.insert(m.served()) {
+                    return bad(
+                        format!("providers[{i}].models[{j}].serve_as"),
+                        "another model of this node is already served under this name",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    const NODE: &str = r#"
+nats_url: nats://gateway:4222
+name: gpu-box-1
+max_parallel: 8
+providers:
+  - type: ollama
+    base_url: http://127.0.0.1:11434/v1
+    models:
+      - {local: "llama3.1:8b", serve_as: llama-3.1-8b}
+      - {local: qwen2.5}
+  - type: openai
+    api_key: ${KEY}
+    models: [{local: gpt-4o-mini}]
+"#;
+
+    #[test]
+    fn parses_a_node_config() {
+        let cfg =
+            NodeConfig::parse(NODE, |k| (k == "KEY").then(|| "sk-x".to_owned())).expect("parse");
+        assert_eq!(cfg.name, "gpu-box-1");
+        assert_eq!(cfg.max_parallel, 8);
+        assert_eq!(cfg.priority, 0);
+        assert_eq!(cfg.providers[0].models[0].served(), "llama-3.1-8b");
+        assert_eq!(cfg.providers[0].models[1].served(), "qwen2.5");
+        assert!(!format!("{cfg:?}").contains("sk-x"));
+        let defaults = NodeConfig::parse(
+            "name: n\nproviders: [{type: vllm, models: [{local: m}]}]\n",
+            |_| None,
+        )
+        .expect("defaults");
+        assert_eq!((defaults.max_parallel, defaults.nats_url), (4, None));
+    }
+
+    #[test]
+    fn rejects_bad_node_configs() {
+        let cases = [
+            ("name: ''\nproviders: [{type: vllm, models: [{local: m}]}]\n", "name"),
+            ("name: n\nmax_parallel: 0\nproviders: [{type: vllm, models: [{local: m}]}]\n", "max_parallel"),
+            ("name: n\nproviders: []\n", "providers"),
+            ("name: n\nproviders: [{type: node, models: [{local: m}]}]\n", "providers[0].type"),
+            (
+                "name: n\nproviders: [{type: vllm, models: [{local: a, serve_as: x}, {local: b, serve_as: x}]}]\n",
+                "providers[0].models[1].serve_as",
+            ),
+            ("name: n\nproviders: [{type: vllm, models: [{locl: m}]}]\n", "providers[0].models[0]"),
+        ];
+        for (yaml, path) in cases {
+            let err = NodeConfig::parse(yaml, |_| None).expect_err(yaml);
+            assert!(err.to_string().contains(path), "{yaml}: {err}");
+        }
     }
 }
 
@@ -312,6 +589,32 @@ keys:
     }
 
     #[test]
+    fn plans_parse_and_validate() {
+        let cfg = FileConfig::parse(
+            "plans:\n  - {name: pro, quota: \"20.00\", models: [gpt-4o-mini]}\n  - {name: free, quota: \"0.5\", public: true}\n",
+            |_| None,
+        )
+        .expect("parse");
+        assert_eq!(cfg.plans[0].monthly_quota(), Ok(Nanos(20_000_000_000)));
+        assert_eq!(cfg.plans[0].models, ["gpt-4o-mini"]);
+        assert!(!cfg.plans[0].public && cfg.plans[1].public && cfg.plans[1].models.is_empty());
+        for (yaml, path) in [
+            ("plans:\n  - {name: a, quota: \"-1\"}\n", "plans[0].quota"),
+            (
+                "plans:\n  - {name: a, quota: \"1\"}\n  - {name: A, quota: \"2\"}\n",
+                "plans[1].name",
+            ),
+            (
+                "plans:\n  - {name: a, quota: \"1\", modles: []}\n",
+                "plans[0]",
+            ),
+        ] {
+            let err = FileConfig::parse(yaml, |_| None).expect_err(yaml);
+            assert!(err.to_string().contains(path), "{err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_path() {
         let err = FileConfig::parse(SAMPLE, |_| None).expect_err("missing env");
         assert!(err.to_string().contains("OPENAI_API_KEY"), "{err}");
@@ -327,6 +630,39 @@ keys:
         )
         .expect_err("bad price");
         assert!(err.to_string().contains("prices[0]"), "{err}");
+    }
+
+    #[test]
+    fn channel_timeouts_parse_and_validate() {
+        let cfg = FileConfig::parse(
+            "channels:\n  - {name: a, type: openai, models: [m], timeouts: {idle_secs: 5, total_secs: 30}}\n",
+            |_| None,
+        )
+        .expect("parse");
+        let t = cfg.channels[0].timeouts;
+        assert_eq!(
+            (t.idle_secs, t.total_secs, t.connect_secs),
+            (Some(5), Some(30), None)
+        );
+        assert_eq!(
+            serde_json::to_string(&t).expect("json"),
+            r#"{"idle_secs":5,"total_secs":30}"#
+        );
+        let err = FileConfig::parse(
+            "channels:\n  - {name: a, type: openai, models: [m], timeouts: {idle_secs: 0}}\n",
+            |_| None,
+        )
+        .expect_err("zero");
+        assert!(
+            err.to_string().contains("channels[0].timeouts.idle_secs"),
+            "{err}"
+        );
+        let err = FileConfig::parse(
+            "channels:\n  - {name: a, type: openai, models: [m], timeouts: {idle: 3}}\n",
+            |_| None,
+        )
+        .expect_err("typo");
+        assert!(err.to_string().contains("channels[0]"), "{err}");
     }
 
     #[test]

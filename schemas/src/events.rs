@@ -70,6 +70,16 @@ pub enum Event {
     ChannelConfigured(ChannelConfigured),
     ChannelBanned(ChannelBanned),
     ChannelDeleted(ChannelDeleted),
+    SessionCreated(SessionCreated),
+    SessionRenamed(SessionRenamed),
+    SessionDeleted(SessionDeleted),
+    SessionMessageAppended(SessionMessageAppended),
+    SessionReplyRegenerated(SessionReplyRegenerated),
+    PlanConfigured(PlanConfigured),
+    PlanSubscribed(PlanSubscribed),
+    PlanUnsubscribed(PlanUnsubscribed),
+    UserCreditGranted(UserCreditGranted),
+    ResponseServedFromCache(ResponseServedFromCache),
 }
 
 /// The current schema version of each event type. Bump it together with an upcaster.
@@ -79,7 +89,15 @@ pub fn current_version(event_type: &str) -> Option<u16> {
         | "RequestCancelled" | "PriceSet" | "CreditGranted" | "KeyCreated" | "KeyUpdated"
         | "KeyRevoked" | "UserRegistered" | "UserUpdated" | "ChannelConfigured"
         | "ChannelBanned" | "ChannelDeleted" => Some(1),
-        "CompletionFinished" => Some(1),
+        "SessionCreated"
+        | "SessionRenamed"
+        | "SessionDeleted"
+        | "SessionMessageAppended"
+        | "SessionReplyRegenerated" => Some(1),
+        "PlanConfigured" | "PlanSubscribed" | "PlanUnsubscribed" | "UserCreditGranted" => Some(1),
+        "ResponseServedFromCache" => Some(1),
+        // v2: `usage_source` and `attempts` required (see `upcast`).
+        "CompletionFinished" => Some(2),
         _ => None,
     }
 }
@@ -103,6 +121,16 @@ impl Event {
             Event::ChannelConfigured(_) => "ChannelConfigured",
             Event::ChannelBanned(_) => "ChannelBanned",
             Event::ChannelDeleted(_) => "ChannelDeleted",
+            Event::SessionCreated(_) => "SessionCreated",
+            Event::SessionRenamed(_) => "SessionRenamed",
+            Event::SessionDeleted(_) => "SessionDeleted",
+            Event::SessionMessageAppended(_) => "SessionMessageAppended",
+            Event::SessionReplyRegenerated(_) => "SessionReplyRegenerated",
+            Event::PlanConfigured(_) => "PlanConfigured",
+            Event::PlanSubscribed(_) => "PlanSubscribed",
+            Event::PlanUnsubscribed(_) => "PlanUnsubscribed",
+            Event::UserCreditGranted(_) => "UserCreditGranted",
+            Event::ResponseServedFromCache(_) => "ResponseServedFromCache",
         }
     }
 
@@ -125,6 +153,16 @@ impl Event {
             Event::ChannelConfigured(e) => format!("config-{}", e.channel_id.simple()),
             Event::ChannelBanned(e) => format!("channel-{}", e.channel_id.simple()),
             Event::ChannelDeleted(e) => format!("config-{}", e.channel_id.simple()),
+            Event::SessionCreated(e) => session_stream(&e.session_id),
+            Event::SessionRenamed(e) => session_stream(&e.session_id),
+            Event::SessionDeleted(e) => session_stream(&e.session_id),
+            Event::SessionMessageAppended(e) => session_stream(&e.session_id),
+            Event::SessionReplyRegenerated(e) => session_stream(&e.session_id),
+            Event::PlanConfigured(e) => format!("plan-{}", e.plan_id.simple()),
+            Event::PlanSubscribed(e) => format!("user-{}", e.user_id.simple()),
+            Event::PlanUnsubscribed(e) => format!("user-{}", e.user_id.simple()),
+            Event::UserCreditGranted(e) => format!("user-{}", e.user_id.simple()),
+            Event::ResponseServedFromCache(e) => request_stream(&e.request_id),
         }
     }
 
@@ -186,6 +224,10 @@ impl Envelope {
 
 pub fn request_stream(id: &Uuid) -> String {
     format!("request-{}", id.simple())
+}
+
+pub fn session_stream(id: &Uuid) -> String {
+    format!("session-{}", id.simple())
 }
 
 /// The ingress accepted a request and queued it for the workers.
@@ -294,6 +336,69 @@ pub struct CreditGranted {
     pub note: String,
 }
 
+/// A subscription plan was created or changed: its whole definition from this event on.
+/// Billing applies plans in log order; see `billing::plans` for the money rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanConfigured {
+    pub plan_id: Uuid,
+    pub name: String,
+    /// What the plan pays per calendar month (UTC).
+    pub monthly_quota: Nanos,
+    /// Models the plan pays for (the names clients ask for); empty = every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Whether users may subscribe themselves (otherwise an admin assigns it).
+    #[serde(default)]
+    pub public: bool,
+    /// `api` or `config`.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Uuid>,
+}
+
+/// A user's plan is `plan_id` from this event on, replacing any plan they had.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanSubscribed {
+    pub user_id: Uuid,
+    pub plan_id: Uuid,
+    /// Who did it: the user themselves, an admin user, or none for the admin token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Uuid>,
+}
+
+/// A user has no plan from this event on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanUnsubscribed {
+    pub user_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Uuid>,
+}
+
+/// A request was answered from the response cache with the answer recorded for
+/// `source_request_id`: no worker or upstream was involved. `usage` is the original
+/// answer's (what the client saw); billing charges the cache price, never these tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseServedFromCache {
+    pub request_id: Uuid,
+    pub key_id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub model: String,
+    pub api: crate::work::Api,
+    pub stream: bool,
+    pub source_request_id: Uuid,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+}
+
+/// Money added to (or, when negative, taken from) a user's balance, which all the user's
+/// keys draw on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserCreditGranted {
+    pub user_id: Uuid,
+    pub amount: Nanos,
+    pub note: String,
+}
+
 /// Audit: a key was created (its secret never appears in an event).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyCreated {
@@ -352,6 +457,9 @@ pub struct ChannelConfigured {
     pub models: Vec<String>,
     pub enabled: bool,
     pub source: String,
+    /// The user whose personal channel (bring your own key) this is; absent = shared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_user_id: Option<Uuid>,
 }
 
 /// Audit: a channel was deleted.
@@ -360,6 +468,9 @@ pub struct ChannelDeleted {
     pub channel_id: Uuid,
     pub name: String,
     pub source: String,
+    /// The user whose personal channel this was; absent = shared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_user_id: Option<Uuid>,
 }
 
 /// A worker's circuit breaker took a channel out of routing until `until` (every worker
@@ -379,6 +490,63 @@ pub struct ChannelBanned {
     /// The request whose attempt failed last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<Uuid>,
+}
+
+/// A conversation was started. It belongs to a user, or to a key that has no user (what
+/// a user's key creates belongs to the user); exactly one of the two owners is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionCreated {
+    pub session_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_user_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_key_id: Option<Uuid>,
+    pub title: String,
+    /// The model turns use when the chat request names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The system prompt sent first with every turn unless a turn brings its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRenamed {
+    pub session_id: Uuid,
+    pub title: String,
+}
+
+/// The session and its messages disappear from every read; its events stay in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionDeleted {
+    pub session_id: Uuid,
+}
+
+/// A user turn was added to a session and `request_id` was queued to answer it. The
+/// answer arrives as that request's `CompletionFinished` (with `session_id` and `content`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionMessageAppended {
+    pub session_id: Uuid,
+    pub message_id: Uuid,
+    /// `user` (assistant turns come from `CompletionFinished`).
+    pub role: String,
+    pub content: String,
+    pub request_id: Uuid,
+    pub model: String,
+}
+
+/// The last answer of a session is being generated again by `request_id`. The answer
+/// `replaces` (if any) is superseded once the new one completes, so a failed
+/// regeneration leaves the old answer in place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionReplyRegenerated {
+    pub session_id: Uuid,
+    pub request_id: Uuid,
+    /// The user turn being answered again.
+    pub user_message_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<Uuid>,
+    pub model: String,
 }
 
 #[cfg(test)]

@@ -58,6 +58,11 @@ impl Namespace {
     pub fn channel_health_bucket(&self) -> String {
         format!("{}_CHANNEL_HEALTH", self.upper())
     }
+    /// The KV bucket where remote worker nodes (`sluice node`) announce themselves, one
+    /// key per node, heartbeated; entries age out when a node stops.
+    pub fn nodes_bucket(&self) -> String {
+        format!("{}_NODES", self.upper())
+    }
 
     /// `<ns>.requests.<model>`, the model encoded into one subject token.
     pub fn request_subject(&self, model: &str) -> String {
@@ -84,6 +89,40 @@ impl Namespace {
     }
     pub fn cancel_subject(&self, request_id: &uuid::Uuid) -> String {
         format!("{}.cancel.{}", self.0, request_id.simple())
+    }
+    /// What each worker process subscribes to once, dispatching to its requests in flight.
+    pub fn cancel_wildcard(&self) -> String {
+        format!("{}.cancel.*", self.0)
+    }
+    /// `<ns>.watchers.<request_id>` (core NATS request): "is a client still attached to
+    /// this stream, or did one leave within the resume grace?" Every ingress answers for
+    /// the clients it relays to.
+    pub fn watchers_subject(&self, request_id: &uuid::Uuid) -> String {
+        format!("{}.watchers.{}", self.0, request_id.simple())
+    }
+    pub fn watchers_wildcard(&self) -> String {
+        format!("{}.watchers.*", self.0)
+    }
+    /// `<ns>.nodes.<node_id>.call` (core NATS request): a worker hands one attempt to a node.
+    pub fn node_call_subject(&self, node: &uuid::Uuid) -> String {
+        format!("{}.nodes.{}.call", self.0, node.simple())
+    }
+    /// `<ns>.nodes.<node_id>.result.<call_id>`: the node's keepalives and the attempt's
+    /// outcome, to the worker that made the call (which alone writes the terminal event).
+    pub fn node_result_subject(&self, node: &uuid::Uuid, call: &uuid::Uuid) -> String {
+        format!(
+            "{}.nodes.{}.result.{}",
+            self.0,
+            node.simple(),
+            call.simple()
+        )
+    }
+    /// `<ns>.nodes.<node_id>.stop.<call_id>`: the worker stops a call it no longer wants.
+    pub fn node_stop_subject(&self, node: &uuid::Uuid, call: &uuid::Uuid) -> String {
+        format!("{}.nodes.{}.stop.{}", self.0, node.simple(), call.simple())
+    }
+    pub fn node_stop_wildcard(&self, node: &uuid::Uuid) -> String {
+        format!("{}.nodes.{}.stop.*", self.0, node.simple())
     }
     /// Prefix of every Redis key of this namespace.
     pub fn redis_key(&self, parts: &[&str]) -> String {

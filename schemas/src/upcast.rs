@@ -4,9 +4,17 @@
 //! into the next one. [`crate::Envelope::decode`] runs the steps in order, so a replay of
 //! a years-old log decodes every event into today's types.
 //!
-//! No production event type has changed shape yet, so [`UPCASTERS`] is empty; the tests
-//! below prove the mechanism `decode` uses with a test-only event type stored as v1 and
-//! read as v3.
+//! History of the production types:
+//! - `CompletionFinished` v1 → v2: v1 is the shape of the first journal format, written
+//!   before Sluice estimated usage with its own tokenizer and before failover was
+//!   recorded: no `usage_source` (all usage then came from the provider), no `attempts`
+//!   (one attempt), no `ttft_ms`, and `usage` with only `prompt_tokens` and
+//!   `completion_tokens`. v2 is today's shape. Its JSON is a superset of v1's, so the
+//!   step only fills what is missing: a v1-numbered event that already has a field keeps
+//!   its value.
+//!
+//! The tests below prove the mechanism `decode` uses with a test-only event type stored
+//! as v1 and read as v3, and the real step with stored v1 events.
 
 use serde_json::Value;
 
@@ -22,7 +30,32 @@ pub struct Upcaster {
 
 /// Every registered step, for every event type. Add an entry here together with each
 /// `current_version` bump.
-pub const UPCASTERS: &[Upcaster] = &[];
+pub const UPCASTERS: &[Upcaster] = &[Upcaster {
+    event_type: "CompletionFinished",
+    from: 1,
+    upgrade: completion_finished_v1_to_v2,
+}];
+
+/// `CompletionFinished` v1 → v2 (see the module docs): fills `usage_source` (`provider`),
+/// `attempts` (1) and `usage.total_tokens` (prompt + completion) where absent. Data that is
+/// not an object is left for `decode` to reject as malformed.
+pub fn completion_finished_v1_to_v2(mut data: Value) -> Value {
+    let Some(fields) = data.as_object_mut() else {
+        return data;
+    };
+    fields
+        .entry("usage_source")
+        .or_insert_with(|| Value::from("provider"));
+    fields.entry("attempts").or_insert_with(|| Value::from(1));
+    if let Some(usage) = fields.get_mut("usage").and_then(Value::as_object_mut) {
+        if !usage.contains_key("total_tokens") {
+            let count = |name: &str| usage.get(name).and_then(Value::as_u64).unwrap_or(0);
+            let total = count("prompt_tokens").saturating_add(count("completion_tokens"));
+            usage.insert("total_tokens".to_owned(), Value::from(total));
+        }
+    }
+    data
+}
 
 /// Brings `data` of `event_type`, stored as `version`, up to `target` by applying the
 /// steps of `table` one version at a time. A version with no step is left as is (an
@@ -137,6 +170,56 @@ mod tests {
             serde_json::json!({"name": "x"}),
         );
         assert_eq!(other, serde_json::json!({"name": "x"}));
+    }
+
+    /// A `CompletionFinished` exactly as the first journal format stored it.
+    const STORED_V1_COMPLETION: &str = r#"{"event_id": "0193a4b2-7c00-7000-8000-0000000000c1",
+        "stream": "request-0193a4b27c0070008000000000000aa1", "type": "CompletionFinished",
+        "schema_version": 1, "occurred_at": "2025-02-01T09:30:00Z",
+        "data": {"request_id": "0193a4b2-7c00-7000-8000-000000000aa1",
+                 "key_id": "0193a4b2-7c00-7000-8000-000000000bb1", "user_id": null,
+                 "model": "gpt-4o-mini", "channel_id": "0193a4b2-7c00-7000-8000-000000000cc1",
+                 "channel_name": "openai-main", "upstream_model": "gpt-4o-mini-2024-07-18",
+                 "usage": {"prompt_tokens": 1200, "completion_tokens": 300},
+                 "finish_reason": "stop", "duration_ms": 950}}"#;
+
+    #[test]
+    fn a_stored_v1_completion_decodes_as_today_s_completion_finished() {
+        use crate::events::Event;
+        let env: crate::Envelope = serde_json::from_str(STORED_V1_COMPLETION).expect("envelope");
+        let Ok(Event::CompletionFinished(e)) = env.decode() else {
+            panic!("v1 CompletionFinished did not decode: {:?}", env.decode());
+        };
+        assert_eq!(e.usage_source, crate::UsageSource::Provider);
+        assert_eq!(e.attempts, 1);
+        assert_eq!(e.ttft_ms, None);
+        assert_eq!(
+            (
+                e.usage.prompt_tokens,
+                e.usage.completion_tokens,
+                e.usage.total_tokens
+            ),
+            (1200, 300, 1500)
+        );
+        assert_eq!((e.usage.cached_tokens, e.usage.reasoning_tokens), (0, 0));
+        assert_eq!(e.duration_ms, 950);
+    }
+
+    #[test]
+    fn the_v1_completion_step_keeps_fields_that_are_present() {
+        // Events numbered v1 by builds that already wrote today's shape stay as they were.
+        let written = serde_json::json!({"usage_source": "estimated", "attempts": 3,
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 99}});
+        assert_eq!(completion_finished_v1_to_v2(written.clone()), written);
+        assert_eq!(
+            completion_finished_v1_to_v2(Value::from("not an object")),
+            Value::from("not an object")
+        );
+        // Today's events are written as the current version and pass no step.
+        assert_eq!(
+            crate::events::current_version("CompletionFinished"),
+            Some(2)
+        );
     }
 
     #[test]

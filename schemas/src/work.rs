@@ -45,6 +45,10 @@ pub struct WorkItem {
     /// (`anthropic-beta`, which Claude Code uses to turn on beta features).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward_headers: Vec<(String, String)>,
+    /// Set for a session's chat turn: the worker then puts the answer's text in
+    /// `CompletionFinished.content` (plain API calls never store their text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Uuid>,
 }
 
 /// What a frame carries. Frames are numbered from 1 per request (`seq`), which is the
@@ -75,6 +79,41 @@ pub struct Frame {
     /// Raw JSON so the ingress relays it without parsing.
     pub data: Box<RawValue>,
 }
+
+/// Why a request is stopped: the JSON payload of `<ns>.cancel.<request_id>`
+/// (`{"reason":"stop"}`). An empty or unreadable payload means [`CancelReason::Stop`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// The client asked (`POST /api/requests/{id}/cancel`, a WebSocket `cancel` frame).
+    Stop,
+    /// The client went away and nobody resumed or watched within the resume grace.
+    ClientGone,
+}
+
+impl CancelReason {
+    /// The name `RequestCancelled.reason` records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::Stop => "stop",
+            CancelReason::ClientGone => "client_gone",
+        }
+    }
+
+    /// Reads a cancel message's payload.
+    pub fn from_payload(payload: &[u8]) -> Self {
+        serde_json::from_slice::<CancelNotice>(payload).map_or(CancelReason::Stop, |n| n.reason)
+    }
+}
+
+/// The payload of a cancel message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelNotice {
+    pub reason: CancelReason,
+}
+
+/// `DoneData.finish_reason` of a request stopped after its answer had started.
+pub const FINISH_CANCELLED: &str = "cancelled";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DoneData {

@@ -33,6 +33,9 @@ pub struct Stack {
     pub mock: MockUpstream,
     pub pool: sqlx::PgPool,
     pub dir: PathBuf,
+    /// The NATS and Postgres this stack uses (the shared ones unless the options named others).
+    pub nats_url: String,
+    pub database_url: String,
     env: HashMap<String, String>,
     pub roles: HashMap<&'static str, Child>,
     pub http: reqwest::Client,
@@ -48,6 +51,10 @@ pub struct StackOptions {
     /// Extra environment for every role (e.g. `SLUICE_RATE_WINDOW_SECS`).
     pub env: Vec<(&'static str, String)>,
     pub workers: usize,
+    /// Another NATS server (a fault test's own, which it may restart); default [`NATS_URL`].
+    pub nats_url: Option<String>,
+    /// Another Postgres (a fault test's own, which it may stop); default [`DATABASE_URL`].
+    pub database_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -59,6 +66,8 @@ impl Default for StackOptions {
             key_quota: None,
             env: Vec::new(),
             workers: 1,
+            nats_url: None,
+            database_url: None,
         }
     }
 }
@@ -92,14 +101,19 @@ impl Stack {
         );
         std::fs::write(dir.join("sluice.yaml"), yaml).unwrap();
         let port = free_port();
+        let nats_url = opts.nats_url.clone().unwrap_or_else(|| NATS_URL.to_owned());
+        let database_url = opts
+            .database_url
+            .clone()
+            .unwrap_or_else(|| DATABASE_URL.to_owned());
         let env: HashMap<String, String> = [
             (
                 "SLUICE_CONFIG",
                 dir.join("sluice.yaml").display().to_string(),
             ),
             ("SLUICE_NAMESPACE", ns.as_str().to_owned()),
-            ("SLUICE_DATABASE_URL", DATABASE_URL.to_owned()),
-            ("SLUICE_NATS_URL", NATS_URL.to_owned()),
+            ("SLUICE_DATABASE_URL", database_url.clone()),
+            ("SLUICE_NATS_URL", nats_url.clone()),
             ("SLUICE_REDIS_URL", REDIS_URL.to_owned()),
             ("SLUICE_LISTEN", format!("127.0.0.1:{port}")),
             (
@@ -113,7 +127,7 @@ impl Stack {
         .chain(opts.env.iter().cloned())
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let pool = projector::db::connect(DATABASE_URL, &ns, 4)
+        let pool = projector::db::connect(&database_url, &ns, 4)
             .await
             .expect("postgres");
         let mut stack = Stack {
@@ -122,6 +136,8 @@ impl Stack {
             mock,
             pool,
             dir,
+            nats_url,
+            database_url,
             env,
             roles: HashMap::new(),
             http: reqwest::Client::new(),
@@ -162,6 +178,29 @@ impl Stack {
     pub fn spawn(&mut self, role: &'static str) {
         let child = self.command(role).spawn().expect("spawn role");
         self.roles.insert(role, child);
+    }
+
+    /// Everything the processes of `role` have logged so far (stderr, restarts included).
+    pub fn logs(&self, role: &str) -> String {
+        let prefix = format!("{role}-");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".log"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     /// SIGKILL: the process gets no chance to clean up.
@@ -256,7 +295,7 @@ impl Stack {
             self.kill(role);
         }
         let _ = projector::db::drop_schema(&self.pool, &self.ns).await;
-        if let Ok(client) = async_nats::connect(NATS_URL).await {
+        if let Ok(client) = async_nats::connect(&self.nats_url).await {
             let js = async_nats::jetstream::new(client);
             projector::bus::delete_streams(&js, &self.ns).await;
         }

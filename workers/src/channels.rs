@@ -22,7 +22,7 @@ pub enum ChannelsError {
 
 const SELECT_CHANNELS: &str =
     "SELECT id, name, channel_type, base_url, api_key_sealed, models, model_map, \
-     priority, weight, retry, groups, enabled, updated_at FROM channels ORDER BY priority, name";
+     priority, weight, retry, groups, enabled, timeouts, owner_user_id, updated_at FROM channels ORDER BY priority, name";
 
 /// Reads channels and opens their secrets. Remembers which broken channels it already
 /// reported, so a channel whose key cannot be opened is logged once per change of its
@@ -75,6 +75,7 @@ impl ChannelLoader {
             let model_map: sqlx::types::Json<serde_json::Value> = row.try_get("model_map")?;
             let weight: i32 = row.try_get("weight")?;
             let retry: i32 = row.try_get("retry")?;
+            let limits: sqlx::types::Json<serde_json::Value> = row.try_get("timeouts")?;
             channels.push(Arc::new(Channel {
                 id,
                 name,
@@ -88,6 +89,8 @@ impl ChannelLoader {
                 retry: u32::try_from(retry).unwrap_or(1).max(1),
                 groups: row.try_get("groups")?,
                 enabled: row.try_get("enabled")?,
+                timeouts: timeouts(&limits.0),
+                owner: row.try_get("owner_user_id")?,
             }));
         }
         self.reported.retain(|k| still_broken.contains(k));
@@ -105,6 +108,12 @@ fn string_map(v: &serde_json::Value) -> BTreeMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The `timeouts` column; a value this worker cannot read (written by a newer version, or
+/// by hand) falls back to the defaults rather than failing the whole load.
+fn timeouts(v: &serde_json::Value) -> schemas::config::ChannelTimeouts {
+    serde_json::from_value(v.clone()).unwrap_or_default()
 }
 
 /// Reloads the channels every `every` into `set` until `shutdown`. A failed reload keeps
@@ -133,7 +142,8 @@ pub fn spawn_refresh(
                         tracing::info!("reloading channels works again");
                         failing = false;
                     }
-                    if set.snapshot().channels() != channels.as_slice() {
+                    // Live nodes are not in the table: compare with the configured part only.
+                    if set.configured() != channels {
                         tracing::info!(channels = channels.len(), "channels changed");
                         set.replace(channels);
                     }

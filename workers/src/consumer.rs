@@ -29,7 +29,8 @@ use crate::handler::{self, Ctx};
 use crate::health::SharedHealth;
 use crate::options::WorkerOptions;
 
-/// A message not acked (or progressed) within this long is redelivered to another worker.
+/// A message not acked (or progressed) within this long is redelivered to another worker
+/// (the default of `WorkerOptions::ack_wait`).
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 /// After this many deliveries a request is not redelivered again.
 pub const MAX_DELIVER: i64 = 5;
@@ -68,7 +69,7 @@ pub async fn run_worker(
                 durable_name: Some(consumer_name.clone()),
                 description: Some("sluice workers (shared by every worker process)".to_owned()),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait: opts.ack_wait,
                 max_deliver: MAX_DELIVER,
                 max_ack_pending: MAX_ACK_PENDING,
                 ..Default::default()
@@ -102,6 +103,15 @@ pub async fn run_worker(
         refresh_stop.clone(),
     );
     health.spawn(&tracker, refresh_stop.clone());
+    // Live remote nodes join the channel set as channels of type `node`.
+    crate::node::spawn_routing(
+        &tracker,
+        js.clone(),
+        ns.clone(),
+        channels.clone(),
+        refresh_stop.clone(),
+    );
+    let cancels = crate::cancel::Cancels::start(&nats, &ns, &tracker, refresh_stop.clone()).await?;
 
     let max_in_flight = opts.max_in_flight.max(1);
     let ctx = Arc::new(Ctx {
@@ -111,9 +121,11 @@ pub async fn run_worker(
         chunks,
         channels,
         health,
-        http: adapters::http_client()?,
+        http: adapters::http_client_with_connect(opts.connect_timeout)?,
+        connect_clients: adapters::ConnectClients::new(opts.connect_timeout),
         opts: opts.clone(),
         abort: CancellationToken::new(),
+        cancels,
     });
 
     // Small batches: a fetched message waits here while its ack wait runs, and a batch

@@ -27,4 +27,6 @@ pub enum WorkerError {
     Channels(#[from] crate::channels::ChannelsError),
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
+    #[error("cannot subscribe to the cancel subject: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
 }

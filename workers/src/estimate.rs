@@ -7,11 +7,13 @@ use serde_json::value::RawValue;
 
 use crate::tally::Tally;
 
-/// Provider usage when there is some, else the tokenizer's estimate for `model`.
+/// Provider usage when there is some, else a remote node's estimate, else the tokenizer's
+/// estimate for `model`.
 pub fn usage_of(tally: &Tally, model: &str, body: &RawValue) -> (Usage, schemas::UsageSource) {
-    match tally.usage {
-        Some(usage) => (usage, schemas::UsageSource::Provider),
-        None => (
+    match (tally.usage, tally.estimated) {
+        (Some(usage), _) => (usage, schemas::UsageSource::Provider),
+        (None, Some(usage)) => (usage, schemas::UsageSource::Estimated),
+        (None, None) => (
             estimate(model, body, &tally.text),
             schemas::UsageSource::Estimated,
         ),

@@ -133,6 +133,41 @@ impl FrameOut {
         Ok(())
     }
 
+    /// The `seq` the next frame gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Takes the open batch as a JSON array of frames (`None` when nothing is pending),
+    /// keeping the numbering. A remote node hands its last frames to the worker this way:
+    /// the worker sends them with `Done` once it recorded the terminal event.
+    pub fn take_pending(&mut self) -> Option<Vec<u8>> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let mut batch = std::mem::take(&mut self.buf);
+        batch.push(b']');
+        self.opened_at = None;
+        Some(batch)
+    }
+
+    /// Takes over frames another process numbered (a remote node): `pending`, a batch from
+    /// [`FrameOut::take_pending`], goes out with the next flush; numbering goes on at
+    /// `next_seq`; `published` says whether that process already sent some.
+    pub fn adopt(&mut self, pending: Option<&[u8]>, next_seq: u64, published: bool) {
+        self.buf.clear();
+        self.opened_at = None;
+        if let Some(open) = pending
+            .and_then(|batch| batch.strip_suffix(b"]"))
+            .filter(|open| open.len() > 1 && open.starts_with(b"["))
+        {
+            self.buf.extend_from_slice(open);
+            self.opened_at = Some(Instant::now());
+        }
+        self.next_seq = next_seq.max(1);
+        self.published = published;
+    }
+
     /// Drops the open batch and its numbers: an attempt failed before anything was sent,
     /// and the next attempt starts the answer afresh.
     pub fn discard(&mut self) {
@@ -180,5 +215,36 @@ mod tests {
         assert!(!out.has_pending());
         out.push(FrameKind::Chunk, &1).expect("push");
         assert!(out.buf.starts_with(b"[{\"seq\":1,"));
+    }
+
+    #[tokio::test]
+    async fn pending_frames_move_between_processes() {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("lazy client");
+        let mut node = FrameOut::new(client.clone(), Subject::from("t.chunks.x"));
+        node.push(FrameKind::Chunk, &1).expect("push");
+        node.push(FrameKind::Response, &2).expect("push");
+        let batch = node.take_pending().expect("pending");
+        assert!(!node.has_pending());
+        assert_eq!(node.next_seq(), 3);
+        let frames: Vec<Frame> = serde_json::from_slice(&batch).expect("a frame array");
+        assert_eq!(frames.len(), 2);
+
+        let mut worker = FrameOut::new(client, Subject::from("t.chunks.x"));
+        worker.adopt(Some(&batch), node.next_seq(), true);
+        assert!(worker.published() && worker.has_pending());
+        worker.push(FrameKind::Done, &3).expect("push");
+        let mut all = worker.buf.clone();
+        all.push(b']');
+        let frames: Vec<Frame> = serde_json::from_slice(&all).expect("frames");
+        let seqs: Vec<u64> = frames.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+
+        worker.adopt(None, 7, false);
+        assert!(!worker.has_pending() && !worker.published());
+        assert_eq!(worker.next_seq(), 7);
     }
 }

@@ -14,8 +14,14 @@
 //! - `handler` runs one request: attempts and failover, relaying, terminal events, acks.
 //!   `relay` and `frames` stream and coalesce chunks; `tally` rewrites chunks and notes
 //!   usage; `estimate` counts tokens when the provider reports none.
+//! - [`node`] is remote worker nodes: the `sluice node` process, the nodes bucket the
+//!   router learns them from, and the worker's side of a call to one.
+//! - `cancel` stops requests in flight on `<ns>.cancel.<request_id>` (one wildcard
+//!   subscription per process); the request ends with `RequestCancelled` and its
+//!   partial usage.
 
 pub mod adapters;
+mod cancel;
 pub mod channels;
 mod consumer;
 mod error;
@@ -24,6 +30,8 @@ mod events;
 mod frames;
 mod handler;
 pub mod health;
+pub mod metrics;
+pub mod node;
 mod options;
 mod relay;
 mod tally;

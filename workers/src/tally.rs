@@ -23,6 +23,13 @@ pub struct Tally {
     /// make itself when the provider reports no usage.
     pub chunk_id: Option<String>,
     pub created: Option<u64>,
+    /// Usage a remote node already estimated for this attempt (it has the generated text,
+    /// the worker does not); used when the provider reported none.
+    pub estimated: Option<Usage>,
+    /// Byte ranges of `text` that are answer content (not reasoning or tool calls), merged
+    /// when adjacent: a session's answer is read from them, without a second copy of the
+    /// text for the requests that belong to no session.
+    pub(crate) content_spans: Vec<(usize, usize)>,
 }
 
 impl Tally {
@@ -40,8 +47,37 @@ impl Tally {
         self.text.push_str(s);
     }
 
+    /// Notes answer content generated elsewhere (a remote node's, for a session's turn).
+    pub fn note_remote_content(&mut self, s: &str) {
+        self.note_content(s);
+    }
+
+    /// The answer's content so far: the generated text without reasoning or tool calls.
+    pub fn content(&self) -> String {
+        let mut out = String::with_capacity(self.content_spans.iter().map(|(a, b)| b - a).sum());
+        for &(start, end) in &self.content_spans {
+            out.push_str(&self.text[start..end]);
+        }
+        out
+    }
+
+    fn note_content(&mut self, s: &str) {
+        let start = self.text.len();
+        self.note_text(s);
+        let end = self.text.len();
+        if end > start {
+            match self.content_spans.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => self.content_spans.push((start, end)),
+            }
+        }
+    }
+
     fn note_message(&mut self, message: &Map<String, Value>) {
-        for field in ["content", "refusal", "reasoning_content"] {
+        if let Some(Value::String(s)) = message.get("content") {
+            self.note_content(s);
+        }
+        for field in ["refusal", "reasoning_content"] {
             if let Some(Value::String(s)) = message.get(field) {
                 self.note_text(s);
             }
@@ -200,6 +236,9 @@ mod tests {
         assert!(ASKED.chunk(&mut tool, &mut t));
         assert!(t.has_content());
         assert_eq!(t.text, "tok0 f{\"a\":1}");
+        let mut more = chunk(json!({"content":"tok1 "}), Value::Null);
+        assert!(ASKED.chunk(&mut more, &mut t));
+        assert_eq!(t.content(), "tok0 tok1 ", "content without the tool call");
         assert_eq!(t.finish_reason.as_deref(), Some("tool_calls"));
     }
 

@@ -285,6 +285,7 @@ pub async fn setup(channel_type: &str, config: MockConfig) -> (Harness, MockUpst
     add_typed_channel(&h, channel_type, &base_url(channel_type, &up)).await;
     let mut opts = fast_options();
     opts.stream_idle_timeout = Duration::from_secs(1);
+    opts.first_token_timeout = Duration::from_secs(1);
     // Each error case must reach the upstream; only a 429's `Retry-After` still bans (1 s).
     opts.breaker.failure_threshold = u32::MAX;
     h.start_worker(opts);

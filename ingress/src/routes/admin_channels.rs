@@ -1,6 +1,10 @@
 //! `/api/admin/channels`: create, list, get, update, delete, enable and disable upstream
 //! channels, and test one with a tiny request through its adapter.
 //!
+//! The same operations serve users' personal channels (`/api/channels`, see
+//! [`super::channels`]) through a [`Scope`]: an admin sees and changes every channel and
+//! creates shared ones; a user only their own, which they create.
+//!
 //! Provider keys are sealed with `SLUICE_SECRET_KEY` before they reach Postgres and are
 //! never returned (a view says only whether a key is set). Every change is committed
 //! together with its audit event (`ChannelConfigured`, or `ChannelDeleted`): the row is
@@ -33,6 +37,37 @@ use crate::state::AppState;
 /// How long `POST …/test` waits for the upstream.
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Personal channels one user may have: enough for every provider they use, few enough
+/// that nobody grows the workers' routing table at will.
+pub const MAX_PERSONAL_CHANNELS: i64 = 50;
+
+/// Whose channels a call sees and changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every channel (the admin API); what it creates is shared.
+    Admin,
+    /// Only this user's personal channels (`/api/channels`); what it creates is theirs.
+    /// Anyone else's channel is "not found", never "forbidden", so ids do not leak.
+    Owner(Uuid),
+}
+
+impl Scope {
+    fn owner(self) -> Option<Uuid> {
+        match self {
+            Scope::Admin => None,
+            Scope::Owner(user) => Some(user),
+        }
+    }
+
+    /// The `source` of an audit event this scope's changes emit.
+    fn source(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Owner(_) => "user",
+        }
+    }
+}
+
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/admin/channels", get(list).post(create))
@@ -60,6 +95,8 @@ pub enum ChannelAdminError {
     NoSecretKey,
     #[error("the channel's stored key cannot be opened with this gateway's SLUICE_SECRET_KEY")]
     SealedKeyUnreadable,
+    #[error("a user may have at most {MAX_PERSONAL_CHANNELS} personal channels; delete one first")]
+    TooManyChannels,
     #[error("the audit log is unavailable; nothing was changed, try again shortly")]
     AuditUnavailable,
     #[error("an internal error occurred")]
@@ -78,6 +115,7 @@ impl ChannelAdminError {
         let (status, kind, code, param) = match self {
             Self::NotFound => (404, ErrorKind::BadRequest, Some("not_found"), None),
             Self::NameTaken(_) => (409, ErrorKind::BadRequest, Some("conflict"), Some("name")),
+            Self::TooManyChannels => (409, ErrorKind::BadRequest, Some("channel_limit"), None),
             Self::Invalid { param, .. } => (400, ErrorKind::BadRequest, None, Some(*param)),
             Self::NoSecretKey | Self::SealedKeyUnreadable => (
                 503,
@@ -135,6 +173,8 @@ pub struct ChannelView {
     groups: Vec<String>,
     enabled: bool,
     source: String,
+    /// The user whose personal channel this is; null = shared.
+    owner_user_id: Option<Uuid>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     /// Live state from the workers' shared health bucket (list and get only).
@@ -153,10 +193,36 @@ pub struct HealthView {
     in_flight: u32,
 }
 
+/// The keys of the health bucket starting with `prefix`, read from the stream's subject
+/// list: one bounded request. (`Store::keys` runs a consumer until it sees the history's
+/// end, which can wait forever while workers keep putting their load records.)
+pub(crate) async fn health_keys(
+    kv: &async_nats::jetstream::kv::Store,
+    prefix: &str,
+) -> Vec<String> {
+    use futures::StreamExt;
+    let subject_prefix = format!("$KV.{}.", kv.name);
+    let Ok(subjects) = kv
+        .stream
+        .info_with_subjects(format!("{subject_prefix}{prefix}>"))
+        .await
+    else {
+        return Vec::new();
+    };
+    subjects
+        .filter_map(|s| {
+            let key = s
+                .ok()
+                .and_then(|(subject, _)| subject.strip_prefix(&subject_prefix).map(str::to_owned));
+            async move { key }
+        })
+        .collect()
+        .await
+}
+
 /// Reads bans and in-flight counts from the health bucket. Best effort: without the
 /// bucket (no worker ever ran) or while NATS is away, the views carry no health.
 async fn attach_health(state: &AppState, views: &mut [ChannelView]) {
-    use futures::StreamExt;
     use workers::health::{now_ms, BanRecord, LoadRecord};
     let Ok(kv) = state
         .js
@@ -167,22 +233,19 @@ async fn attach_health(state: &AppState, views: &mut [ChannelView]) {
     };
     let now = now_ms();
     let mut in_flight: std::collections::HashMap<Uuid, u32> = std::collections::HashMap::new();
-    if let Ok(keys) = kv.keys().await {
-        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
-        for key in keys.iter().filter(|k| k.starts_with("load.")) {
-            let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
-                continue;
-            };
-            let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
-                continue;
-            };
-            // A worker that stopped heartbeating (2 s) is not calling anything.
-            if load.at_ms + 6_000 < now {
-                continue;
-            }
-            for (id, n) in load.in_flight {
-                *in_flight.entry(id).or_default() += n;
-            }
+    for key in &health_keys(&kv, "load.").await {
+        let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
+            continue;
+        };
+        let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
+            continue;
+        };
+        // A worker that stopped heartbeating (2 s) is not calling anything.
+        if load.at_ms + 6_000 < now {
+            continue;
+        }
+        for (id, n) in load.in_flight {
+            *in_flight.entry(id).or_default() += n;
         }
     }
     for view in views.iter_mut() {
@@ -205,7 +268,7 @@ async fn attach_health(state: &AppState, views: &mut [ChannelView]) {
 }
 
 const COLUMNS: &str = "id, name, channel_type, base_url, api_key_sealed, models, model_map, \
-     priority, weight, retry, groups, enabled, source, created_at, updated_at";
+     priority, weight, retry, groups, enabled, source, owner_user_id, created_at, updated_at";
 
 /// A row with its sealed key, which never leaves this module.
 struct Stored {
@@ -230,6 +293,7 @@ fn stored(row: &sqlx::postgres::PgRow) -> std::result::Result<Stored, sqlx::Erro
             groups: row.try_get("groups")?,
             enabled: row.try_get("enabled")?,
             source: row.try_get("source")?,
+            owner_user_id: row.try_get("owner_user_id")?,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
             health: None,
@@ -328,6 +392,12 @@ fn validate(s: &mut Settings) -> Result<()> {
             "`name` must be 1 to 100 characters",
         ));
     }
+    if s.channel_type == "node" {
+        return Err(ChannelAdminError::invalid(
+            "type",
+            "`node` channels are the live remote nodes themselves; they are not created here",
+        ));
+    }
     let probe = router::Channel {
         id: Uuid::nil(),
         name: s.name.clone(),
@@ -341,6 +411,8 @@ fn validate(s: &mut Settings) -> Result<()> {
         retry: 1,
         groups: Vec::new(),
         enabled: true,
+        timeouts: Default::default(),
+        owner: None,
     };
     let http = workers::adapters::http_client().map_err(|e| {
         tracing::error!(error = %e, "cannot build an HTTP client");
@@ -423,9 +495,13 @@ fn seal(state: &AppState, api_key: &str) -> Result<String> {
 }
 
 /// Publishes the audit event and waits until JetStream stored it; the caller commits only
-/// after that, so no change goes unaudited.
-async fn audit(state: &AppState, event: Event) -> Result<()> {
-    let envelope = event.into_envelope(Utc::now(), Metadata::default());
+/// after that, so no change goes unaudited. A user's own change names them in the metadata.
+async fn audit(state: &AppState, scope: Scope, event: Event) -> Result<()> {
+    let metadata = Metadata {
+        user_id: scope.owner(),
+        ..Metadata::default()
+    };
+    let envelope = event.into_envelope(Utc::now(), metadata);
     let stored = match projector::bus::publish_event(&state.js, &state.ns, &envelope).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -436,14 +512,15 @@ async fn audit(state: &AppState, event: Event) -> Result<()> {
     })
 }
 
-fn configured(view: &ChannelView) -> Event {
+fn configured(scope: Scope, view: &ChannelView) -> Event {
     Event::ChannelConfigured(ChannelConfigured {
         channel_id: view.id,
         name: view.name.clone(),
         channel_type: view.channel_type.clone(),
         models: view.models.clone(),
         enabled: view.enabled,
-        source: "admin".to_owned(),
+        source: scope.source().to_owned(),
+        owner_user_id: view.owner_user_id,
     })
 }
 
@@ -451,8 +528,14 @@ async fn begin(state: &AppState) -> Result<Transaction<'static, Postgres>> {
     state.pool.begin().await.map_err(|e| db_error(e, ""))
 }
 
-async fn commit(tx: Transaction<'static, Postgres>) -> Result<()> {
-    tx.commit().await.map_err(|e| db_error(e, ""))
+/// Commits, then reloads this ingress's model directory so the change shows in
+/// `/v1/models` here at once (other ingresses and the workers follow within a refresh).
+async fn commit(state: &AppState, tx: Transaction<'static, Postgres>) -> Result<()> {
+    tx.commit().await.map_err(|e| db_error(e, ""))?;
+    if let Err(e) = state.directory.refresh(&state.pool).await {
+        tracing::warn!(error = %e, "cannot refresh the model directory after a channel change; the periodic refresh will");
+    }
+    Ok(())
 }
 
 pub async fn create(
@@ -460,6 +543,16 @@ pub async fn create(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<CreateChannel>,
 ) -> Result<(StatusCode, Json<ChannelView>)> {
+    let view = create_in(&state, Scope::Admin, body).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Creates a channel: shared for an admin, the user's own for [`Scope::Owner`].
+pub(crate) async fn create_in(
+    state: &AppState,
+    scope: Scope,
+    body: CreateChannel,
+) -> Result<ChannelView> {
     let mut s = Settings {
         name: body.name,
         channel_type: body.channel_type,
@@ -476,13 +569,34 @@ pub async fn create(
     let sealed = body
         .api_key
         .as_deref()
-        .map(|k| seal(&state, k))
+        .map(|k| seal(state, k))
         .transpose()?;
-    let mut tx = begin(&state).await?;
+    let mut tx = begin(state).await?;
+    if let Scope::Owner(user) = scope {
+        // The user's row lock serializes their creates, so the cap holds under races.
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, ""))?;
+        let owned: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM channels WHERE owner_user_id = $1")
+                .bind(user)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db_error(e, ""))?;
+        if owned >= MAX_PERSONAL_CHANNELS {
+            return Err(ChannelAdminError::TooManyChannels);
+        }
+    }
+    let source = match scope {
+        Scope::Admin => "api",
+        Scope::Owner(_) => "user",
+    };
     let row = sqlx::query(&format!(
         "INSERT INTO channels (id, name, channel_type, base_url, api_key_sealed, models, model_map, \
-         priority, weight, retry, groups, enabled, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'api') RETURNING {COLUMNS}"
+         priority, weight, retry, groups, enabled, source, owner_user_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {COLUMNS}"
     ))
     .bind(schemas::new_id())
     .bind(&s.name)
@@ -496,19 +610,29 @@ pub async fn create(
     .bind(s.retry)
     .bind(&s.groups)
     .bind(s.enabled)
+    .bind(source)
+    .bind(scope.owner())
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| db_error(e, &s.name))?;
     let view = stored(&row).map_err(|e| db_error(e, ""))?.view;
-    audit(&state, configured(&view)).await?;
-    commit(tx).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    audit(state, scope, configured(scope, &view)).await?;
+    commit(state, tx).await?;
+    Ok(view)
 }
 
 pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
+    let data = list_in(&state, Scope::Admin).await?;
+    Ok(Json(json!({ "data": data })))
+}
+
+/// The channels `scope` sees, lowest priority first, with their live health.
+pub(crate) async fn list_in(state: &AppState, scope: Scope) -> Result<Vec<ChannelView>> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM channels ORDER BY priority, name"
+        "SELECT {COLUMNS} FROM channels WHERE ($1::uuid IS NULL OR owner_user_id = $1) \
+         ORDER BY priority, name, id"
     ))
+    .bind(scope.owner())
     .fetch_all(&state.pool)
     .await
     .map_err(|e| db_error(e, ""))?;
@@ -517,16 +641,23 @@ pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Result<Json<V
         .map(|r| stored(r).map(|s| s.view))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| db_error(e, ""))?;
-    attach_health(&state, &mut data).await;
-    Ok(Json(json!({ "data": data })))
+    attach_health(state, &mut data).await;
+    Ok(data)
 }
 
-async fn load(executor: impl sqlx::PgExecutor<'_>, id: Uuid, for_update: bool) -> Result<Stored> {
+/// One channel `scope` may see; any other is "not found".
+async fn load(
+    executor: impl sqlx::PgExecutor<'_>,
+    scope: Scope,
+    id: Uuid,
+    for_update: bool,
+) -> Result<Stored> {
     let lock = if for_update { " FOR UPDATE" } else { "" };
     let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM channels WHERE id = $1{lock}"
+        "SELECT {COLUMNS} FROM channels WHERE id = $1 AND ($2::uuid IS NULL OR owner_user_id = $2){lock}"
     ))
     .bind(id)
+    .bind(scope.owner())
     .fetch_optional(executor)
     .await
     .map_err(|e| db_error(e, ""))?
@@ -539,10 +670,15 @@ pub async fn get_one(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ChannelView>> {
-    let mut view = [load(&state.pool, parse_id(&id)?, false).await?.view];
-    attach_health(&state, &mut view).await;
+    get_in(&state, Scope::Admin, &id).await.map(Json)
+}
+
+/// One channel with its live health.
+pub(crate) async fn get_in(state: &AppState, scope: Scope, id: &str) -> Result<ChannelView> {
+    let mut view = [load(&state.pool, scope, parse_id(id)?, false).await?.view];
+    attach_health(state, &mut view).await;
     let [view] = view;
-    Ok(Json(view))
+    Ok(view)
 }
 
 pub async fn update(
@@ -551,7 +687,7 @@ pub async fn update(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<UpdateChannel>,
 ) -> Result<Json<ChannelView>> {
-    change(&state, parse_id(&id)?, body).await.map(Json)
+    change(&state, Scope::Admin, &id, body).await.map(Json)
 }
 
 pub async fn enable(
@@ -559,11 +695,7 @@ pub async fn enable(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ChannelView>> {
-    let body = UpdateChannel {
-        enabled: Some(true),
-        ..UpdateChannel::default()
-    };
-    change(&state, parse_id(&id)?, body).await.map(Json)
+    switch(&state, Scope::Admin, &id, true).await.map(Json)
 }
 
 pub async fn disable(
@@ -571,18 +703,34 @@ pub async fn disable(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ChannelView>> {
+    switch(&state, Scope::Admin, &id, false).await.map(Json)
+}
+
+/// Enables or disables a channel.
+pub(crate) async fn switch(
+    state: &AppState,
+    scope: Scope,
+    id: &str,
+    enabled: bool,
+) -> Result<ChannelView> {
     let body = UpdateChannel {
-        enabled: Some(false),
+        enabled: Some(enabled),
         ..UpdateChannel::default()
     };
-    change(&state, parse_id(&id)?, body).await.map(Json)
+    change(state, scope, id, body).await
 }
 
 /// Applies a partial update under a row lock, validates the result as a whole, writes it
-/// and its audit event.
-async fn change(state: &AppState, id: Uuid, body: UpdateChannel) -> Result<ChannelView> {
+/// and its audit event. The owner never changes.
+pub(crate) async fn change(
+    state: &AppState,
+    scope: Scope,
+    id: &str,
+    body: UpdateChannel,
+) -> Result<ChannelView> {
+    let id = parse_id(id)?;
     let mut tx = begin(state).await?;
-    let current = load(&mut *tx, id, true).await?;
+    let current = load(&mut *tx, scope, id, true).await?;
     let v = current.view;
     let model_map: BTreeMap<String, String> =
         serde_json::from_value(v.model_map).unwrap_or_default();
@@ -631,8 +779,8 @@ async fn change(state: &AppState, id: Uuid, body: UpdateChannel) -> Result<Chann
     .await
     .map_err(|e| db_error(e, &s.name))?;
     let view = stored(&row).map_err(|e| db_error(e, ""))?.view;
-    audit(state, configured(&view)).await?;
-    commit(tx).await?;
+    audit(state, scope, configured(scope, &view)).await?;
+    commit(state, tx).await?;
     Ok(view)
 }
 
@@ -641,25 +789,36 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let id = parse_id(&id)?;
-    let mut tx = begin(&state).await?;
-    let name: String = sqlx::query_scalar("DELETE FROM channels WHERE id = $1 RETURNING name")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| db_error(e, ""))?
-        .ok_or(ChannelAdminError::NotFound)?;
+    delete_in(&state, Scope::Admin, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes a channel `scope` may see, with its audit event.
+pub(crate) async fn delete_in(state: &AppState, scope: Scope, id: &str) -> Result<()> {
+    let id = parse_id(id)?;
+    let mut tx = begin(state).await?;
+    let (name, owner_user_id): (String, Option<Uuid>) = sqlx::query_as(
+        "DELETE FROM channels WHERE id = $1 AND ($2::uuid IS NULL OR owner_user_id = $2) \
+         RETURNING name, owner_user_id",
+    )
+    .bind(id)
+    .bind(scope.owner())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(|e| db_error(e, ""))?
+    .ok_or(ChannelAdminError::NotFound)?;
     audit(
-        &state,
+        state,
+        scope,
         Event::ChannelDeleted(ChannelDeleted {
             channel_id: id,
             name,
-            source: "admin".to_owned(),
+            source: scope.source().to_owned(),
+            owner_user_id,
         }),
     )
     .await?;
-    commit(tx).await?;
-    Ok(StatusCode::NO_CONTENT)
+    commit(state, tx).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -679,7 +838,17 @@ pub async fn test(
     Path(id): Path<String>,
     Query(params): Query<TestParams>,
 ) -> Result<Json<Value>> {
-    let current = load(&state.pool, parse_id(&id)?, false).await?;
+    test_in(&state, Scope::Admin, &id, params).await.map(Json)
+}
+
+/// The test call of a channel `scope` may see (see [`test`]).
+pub(crate) async fn test_in(
+    state: &AppState,
+    scope: Scope,
+    id: &str,
+    params: TestParams,
+) -> Result<Value> {
+    let current = load(&state.pool, scope, parse_id(id)?, false).await?;
     let v = current.view;
     let api_key = match &current.sealed {
         None => None,
@@ -718,6 +887,8 @@ pub async fn test(
         retry: u32::try_from(v.retry).unwrap_or(1),
         groups: v.groups.clone(),
         enabled: v.enabled,
+        timeouts: Default::default(),
+        owner: v.owner_user_id,
     };
     let upstream_model = channel.upstream_model(&model).to_owned();
     let outcome = call(&channel, &model, &upstream_model).await;
@@ -737,7 +908,7 @@ pub async fn test(
             report["error"] = error;
         }
     }
-    Ok(Json(report))
+    Ok(report)
 }
 
 /// The test call: milliseconds to a whole answer, or to the failure and what it was.

@@ -1,8 +1,14 @@
-//! Money into keys: `POST /api/admin/credits` grants (or, negative, debits) a key with a
-//! note; `POST /api/admin/redemption-codes` mints one-time codes (shown once, stored as a
-//! SHA-256 hash); `POST /api/redeem` lets a user turn a code into credit on one of their
-//! keys. Each movement is a `CreditGranted` event, which the billing projector folds into
-//! the key's balance.
+//! Money into accounts: `POST /api/admin/credits` grants (or, negative, debits) a user or
+//! a key with a note; `POST /api/admin/redemption-codes` mints one-time codes (shown once,
+//! stored as a SHA-256 hash); `POST /api/redeem` lets a user turn a code into credit on
+//! their balance (or, naming one, on one of their keys). Each movement is an event
+//! (`UserCreditGranted`, `CreditGranted`) that the billing projector folds into
+//! `user_balances` / `key_balances`.
+//!
+//! Whose money it is: a user's balance is shared by all their keys, and credit granted to
+//! a key that has a user counts towards that user's balance too (the key is recorded, and
+//! its own quota, if any, stays a cap on that key). A key without a user spends only its
+//! own quota and credits.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,7 +19,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use schemas::events::{CreditGranted, Event, Metadata};
+use schemas::events::{CreditGranted, Event, Metadata, UserCreditGranted};
 use schemas::Nanos;
 
 use crate::accounts::{db_error, AccountError, AuthUser};
@@ -23,10 +29,14 @@ use crate::error::ApiError;
 use crate::routes::body::ApiJson;
 use crate::state::AppState;
 
+/// Exactly one of `user_id` and `key_id`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreditBody {
-    key_id: Uuid,
+    #[serde(default)]
+    user_id: Option<Uuid>,
+    #[serde(default)]
+    key_id: Option<Uuid>,
     /// USD, decimal string; negative debits.
     amount: String,
     #[serde(default)]
@@ -41,13 +51,28 @@ fn amount(s: &str) -> Result<Nanos, AccountError> {
     Ok(n)
 }
 
-/// Publishes a `CreditGranted` and waits for JetStream's ack: money is never "probably" moved.
-async fn publish_credit(
+/// How long a money change waits for billing to apply it before answering 202.
+const PROJECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A money event published to the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    pub event_id: Uuid,
+    /// Its log position (the JetStream stream sequence the journal stores it at).
+    pub position: i64,
+    /// Whether billing had applied it when the call returned.
+    pub projected: bool,
+}
+
+/// Publishes a money event and waits for JetStream's ack (money is never "probably"
+/// moved), then up to a few seconds for the billing projector to apply it, so the caller
+/// usually reads its own write; the read models are billing's alone to write.
+pub async fn publish_money_event(
     state: &AppState,
-    credit: CreditGranted,
+    event: Event,
     user_id: Option<Uuid>,
-) -> Result<Uuid, ApiError> {
-    let envelope = Event::CreditGranted(credit).into_envelope(
+) -> Result<Published, ApiError> {
+    let envelope = event.into_envelope(
         Utc::now(),
         Metadata {
             trace_id: None,
@@ -55,13 +80,49 @@ async fn publish_credit(
             user_id,
         },
     );
-    let id = envelope.event_id;
-    projector::bus::publish_event(&state.js, &state.ns, &envelope)
+    let ack = projector::bus::publish_event(&state.js, &state.ns, &envelope)
         .await
         .map_err(|_| ApiError::QueueUnavailable)?
         .await
         .map_err(|_| ApiError::QueueUnavailable)?;
-    Ok(id)
+    let position = i64::try_from(ack.sequence).unwrap_or(i64::MAX);
+    let deadline = tokio::time::Instant::now() + PROJECTION_WAIT;
+    let projected = loop {
+        let billed: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM checkpoints WHERE projector = $1")
+                .bind(billing::BillingProjection::NAME)
+                .fetch_optional(&state.pool)
+                .await
+                .ok()
+                .flatten();
+        if billed.is_some_and(|p| p >= position) {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    Ok(Published {
+        event_id: envelope.event_id,
+        position,
+        projected,
+    })
+}
+
+/// Publishes a credit; once billing applied it, this ingress admits with it at once.
+async fn publish_credit(
+    state: &AppState,
+    event: Event,
+    user_id: Option<Uuid>,
+) -> Result<Uuid, ApiError> {
+    let published = publish_money_event(state, event, user_id).await?;
+    if published.projected {
+        if let Err(e) = state.directory.refresh(&state.pool).await {
+            tracing::warn!(error = %e, "cannot refresh the key directory after a credit");
+        }
+    }
+    Ok(published.event_id)
 }
 
 pub async fn grant(
@@ -70,32 +131,54 @@ pub async fn grant(
     ApiJson(body): ApiJson<CreditBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let amount = amount(&body.amount)?;
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM api_keys WHERE id = $1")
-        .bind(body.key_id)
-        .fetch_optional(&state.pool)
-        .await
-        .map_err(db_error)?;
-    exists.ok_or(AccountError::NotFound("key"))?;
     let note = body.note.chars().take(500).collect::<String>();
-    let event_id = publish_credit(
-        &state,
-        CreditGranted {
-            key_id: body.key_id,
-            amount,
-            note: note.clone(),
-        },
-        None,
-    )
-    .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "event_id": event_id,
-            "key_id": body.key_id,
-            "amount": amount.to_usd_string(),
-            "note": note,
-        })),
-    ))
+    let (event, target) = match (body.user_id, body.key_id) {
+        (Some(user_id), None) => {
+            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(&state.pool)
+                .await
+                .map_err(db_error)?;
+            exists.ok_or(AccountError::NotFound("user"))?;
+            let event = Event::UserCreditGranted(UserCreditGranted {
+                user_id,
+                amount,
+                note: note.clone(),
+            });
+            (event, json!({"user_id": user_id}))
+        }
+        (None, Some(key_id)) => {
+            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM api_keys WHERE id = $1")
+                .bind(key_id)
+                .fetch_optional(&state.pool)
+                .await
+                .map_err(db_error)?;
+            exists.ok_or(AccountError::NotFound("key"))?;
+            let event = Event::CreditGranted(CreditGranted {
+                key_id,
+                amount,
+                note: note.clone(),
+            });
+            (event, json!({"key_id": key_id}))
+        }
+        _ => {
+            return Err(AccountError::invalid(
+                "user_id",
+                "name exactly one of `user_id` (the user's balance) and `key_id`",
+            )
+            .into())
+        }
+    };
+    let event_id = publish_credit(&state, event, None).await?;
+    let mut answer = json!({
+        "event_id": event_id,
+        "amount": amount.to_usd_string(),
+        "note": note,
+    });
+    if let (Value::Object(a), Value::Object(t)) = (&mut answer, target) {
+        a.extend(t);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }
 
 #[derive(Deserialize)]
@@ -160,7 +243,7 @@ pub async fn mint_codes(
 #[serde(deny_unknown_fields)]
 pub struct RedeemBody {
     code: String,
-    /// One of the caller's keys; default: the key making the call.
+    /// One of the caller's keys; default: the caller's balance, shared by all their keys.
     #[serde(default)]
     key_id: Option<Uuid>,
 }
@@ -172,19 +255,17 @@ pub async fn redeem(
     caller: AuthUser,
     ApiJson(body): ApiJson<RedeemBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let key_id = body
-        .key_id
-        .or(caller.key_id)
-        .ok_or_else(|| AccountError::invalid("key_id", "`key_id` is required"))?;
-    let owned: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM api_keys WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(key_id)
-    .bind(caller.user_id)
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(db_error)?;
-    owned.ok_or(AccountError::NotFound("key"))?;
+    if let Some(key_id) = body.key_id {
+        let owned: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM api_keys WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(key_id)
+        .bind(caller.user_id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(db_error)?;
+        owned.ok_or(AccountError::NotFound("key"))?;
+    }
     let mut tx = state.pool.begin().await.map_err(db_error)?;
     let row: Option<(Uuid, i64, String)> = sqlx::query_as(
         "UPDATE redemption_codes SET redeemed_at = now(), redeemed_by = $2, redeemed_key = $3
@@ -193,27 +274,32 @@ pub async fn redeem(
     )
     .bind(hash_key(body.code.trim()))
     .bind(caller.user_id)
-    .bind(key_id)
+    .bind(body.key_id)
     .fetch_optional(&mut *tx)
     .await
     .map_err(db_error)?;
     let (code_id, nanos, prefix) = row.ok_or(AccountError::NotFound(
         "redemption code (or it was already used)",
     ))?;
-    let event_id = publish_credit(
-        &state,
-        CreditGranted {
+    let note = format!("redemption code {prefix} ({code_id})");
+    let event = match body.key_id {
+        Some(key_id) => Event::CreditGranted(CreditGranted {
             key_id,
             amount: Nanos(nanos),
-            note: format!("redemption code {prefix} ({code_id})"),
-        },
-        Some(caller.user_id),
-    )
-    .await?;
+            note,
+        }),
+        None => Event::UserCreditGranted(UserCreditGranted {
+            user_id: caller.user_id,
+            amount: Nanos(nanos),
+            note,
+        }),
+    };
+    let event_id = publish_credit(&state, event, Some(caller.user_id)).await?;
     tx.commit().await.map_err(db_error)?;
     Ok(Json(json!({
         "event_id": event_id,
-        "key_id": key_id,
+        "key_id": body.key_id,
+        "user_id": caller.user_id,
         "amount": Nanos(nanos).to_usd_string(),
     })))
 }

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Projectors every deployment runs (`sluice billing`, `sluice projector`).
-const EXPECTED: &[&str] = &["billing", "requests"];
+const EXPECTED: &[&str] = &["billing", "requests", "conversations"];
 
 #[derive(Debug, Serialize)]
 pub struct ProjectionsReport {

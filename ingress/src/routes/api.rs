@@ -5,7 +5,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
 
-use crate::routes::{admin_credits, admin_keys, admin_prices, auth, keys, usage};
+use crate::routes::{admin_credits, admin_keys, admin_prices, auth, keys, sessions, usage};
 use crate::state::AppState;
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -25,6 +25,17 @@ pub fn router() -> Router<Arc<AppState>> {
                 .delete(keys::revoke_own),
         )
         .route("/api/usage", get(usage::own))
+        .route("/api/sessions", get(sessions::list).post(sessions::create))
+        .route(
+            "/api/sessions/{id}",
+            get(sessions::get)
+                .patch(sessions::rename)
+                .delete(sessions::delete),
+        )
+        .route("/api/sessions/{id}/messages", get(sessions::messages))
+        .route("/api/sessions/{id}/chat", post(sessions::chat))
+        .route("/api/sessions/{id}/regenerate", post(sessions::regenerate))
+        .route("/api/sessions/{id}/usage", get(sessions::usage))
         .route("/api/prices", get(admin_prices::current))
         .route("/api/redeem", post(admin_credits::redeem))
         .route(
@@ -57,4 +68,27 @@ pub fn router() -> Router<Arc<AppState>> {
             post(admin_credits::mint_codes),
         )
         .route("/api/admin/usage", get(usage::admin))
+        .route("/api/me/balance", get(usage::own_balance))
+        .route(
+            "/api/me/plan",
+            get(crate::routes::plans::mine).delete(crate::routes::plans::leave),
+        )
+        .route("/api/plans", get(crate::routes::plans::offered))
+        .route(
+            "/api/plans/{id}/subscribe",
+            post(crate::routes::plans::subscribe),
+        )
+        .route(
+            "/api/admin/plans",
+            get(crate::routes::plans::list).post(crate::routes::plans::create),
+        )
+        .route(
+            "/api/admin/plans/{id}",
+            get(crate::routes::plans::get).patch(crate::routes::plans::update),
+        )
+        .route(
+            "/api/admin/users/{id}/plan",
+            get(crate::routes::plans::user_status).put(crate::routes::plans::assign),
+        )
+        .route("/api/admin/users/{id}/balance", get(usage::user_balance))
 }

@@ -1,5 +1,9 @@
 //! `POST /v1/chat/completions`: authenticate, validate, admit (model, rate limit, quota),
 //! queue the request on JetStream, and relay the worker's frames back.
+//!
+//! [`submit`] is the admission path every transport shares (HTTP here and in
+//! `messages`, the WebSocket in `crate::ws`): whatever carried the request, it is admitted,
+//! held against the quota and queued the same way.
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -19,7 +23,7 @@ use schemas::work::{Api, ApiErrorInfo, FrameKind, WorkItem};
 use crate::auth::authenticate;
 use crate::directory::{Caller, ModelStatus};
 use crate::error::{error_response, ApiError};
-use crate::relay::{self, FrameReader, ReadError};
+use crate::relay::{self, Attachment, FrameReader, Framing};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
@@ -39,54 +43,143 @@ pub async fn chat_completions(
     let value: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let view = validate_chat_request(&value)?;
-    admit(&state, &caller, &view).await?;
-    let ask = crate::quota::Ask {
-        model: &view.model,
-        max_tokens: view.max_tokens,
-        body: &value,
-    };
-    let hold = crate::quota::admit(&state, &caller, request_id, ask).await?;
     // serde_json accepted the bytes, so they are valid UTF-8 JSON; forward them verbatim.
     let text =
         String::from_utf8(body.to_vec()).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let raw = RawValue::from_string(text).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-
-    let deadline = Instant::now() + state.opts.request_timeout;
-    let item = WorkItem {
+    let submission = Submission {
         request_id,
         api: Api::ChatCompletions,
-        model: view.model.clone(),
+        view: &view,
+        value: &value,
+        raw,
         stream: view.stream,
-        include_usage: view.include_usage,
-        body: raw,
-        key_id: caller.key_id,
-        user_id: caller.user_id,
-        group: caller.group.clone(),
-        accepted_at: Utc::now(),
-        deadline: Utc::now() + state.opts.request_timeout,
-        trace_id: None,
         forward_headers: Vec::new(),
+        session_id: None,
     };
-    let reader = hold.attach(enqueue(&state, &caller, item).await).await?;
+    let queued = crate::cache::submit(&state, &caller, &headers, submission).await?;
     if view.stream {
-        stream_response(reader, deadline).await
+        relay::sse_response(Framing::Chat, queued.attach(&state)).await
     } else {
-        plain_response(reader, deadline).await
+        plain_response(queued.reader, queued.deadline).await
     }
 }
 
-/// Admission before anything is queued: the model exists and is served. Key and user
-/// limits and the quota are `quota::admit`'s.
+/// A validated request, from whichever transport carried it.
+pub struct Submission<'a> {
+    pub request_id: uuid::Uuid,
+    pub api: Api,
+    pub view: &'a ChatRequestView,
+    /// The body parsed (for the quota's prompt estimate) and as received (forwarded
+    /// verbatim to the worker).
+    pub value: &'a serde_json::Value,
+    pub raw: Box<RawValue>,
+    /// Whether the worker streams the answer (the WebSocket always streams).
+    pub stream: bool,
+    /// Provider headers to forward to a channel of the client's protocol.
+    pub forward_headers: Vec<(String, String)>,
+    /// Set for a session's chat turn.
+    pub session_id: Option<uuid::Uuid>,
+}
+
+/// A queued request: its frames (the quota hold settles on the terminal one) and when
+/// nobody waits for it any more.
+pub struct Queued {
+    pub request_id: uuid::Uuid,
+    pub reader: FrameReader,
+    pub deadline: Instant,
+}
+
+impl Queued {
+    /// The request's own client starts reading: counted as attached until it reads the
+    /// end or leaves (then the resume grace starts).
+    pub fn attach(self, state: &AppState) -> Attachment {
+        Attachment::new(
+            state.presence.clone(),
+            self.request_id,
+            self.reader,
+            self.deadline,
+        )
+    }
+}
+
+/// The admission path of every chat-like request: the model is served, the key's and
+/// user's limits and the quota admit it (a hold is reserved), then it is queued with its
+/// `RequestAccepted`. Nothing is queued when any step refuses.
+pub async fn submit(
+    state: &AppState,
+    caller: &Caller,
+    s: Submission<'_>,
+) -> Result<Queued, ApiError> {
+    let hold = admit_and_hold(state, caller, &s).await?;
+    queue(state, caller, s, hold).await
+}
+
+/// [`submit`]'s admission alone: a caller that must record something between admission
+/// and queueing (a session stores its user turn) calls this, then [`queue`], and releases
+/// the hold if its own step fails.
+pub async fn admit_and_hold(
+    state: &AppState,
+    caller: &Caller,
+    s: &Submission<'_>,
+) -> Result<crate::quota::Hold, ApiError> {
+    admit(state, caller, s.view).await?;
+    let ask = crate::quota::Ask {
+        model: &s.view.model,
+        max_tokens: s.view.max_tokens,
+        body: s.value,
+    };
+    crate::quota::admit(state, caller, s.request_id, ask).await
+}
+
+/// [`submit`]'s second half: queues an admitted request; its hold settles on the
+/// terminal frame (or is released if queueing fails).
+pub async fn queue(
+    state: &AppState,
+    caller: &Caller,
+    s: Submission<'_>,
+    hold: crate::quota::Hold,
+) -> Result<Queued, ApiError> {
+    let deadline = Instant::now() + state.opts.request_timeout;
+    let now = Utc::now();
+    let item = WorkItem {
+        request_id: s.request_id,
+        api: s.api,
+        model: s.view.model.clone(),
+        stream: s.stream,
+        include_usage: s.view.include_usage,
+        body: s.raw,
+        key_id: caller.key_id,
+        user_id: caller.user_id,
+        group: caller.group.clone(),
+        accepted_at: now,
+        deadline: now + state.opts.request_timeout,
+        trace_id: None,
+        forward_headers: s.forward_headers,
+        session_id: s.session_id,
+    };
+    let reader = hold.attach(enqueue(state, caller, item).await).await?;
+    Ok(Queued {
+        request_id: s.request_id,
+        reader,
+        deadline,
+    })
+}
+
+/// Admission before anything is queued: the model exists and is served to this caller
+/// (shared channels or their own). Key and user limits and the quota are `quota::admit`'s.
 pub(crate) async fn admit(
     state: &AppState,
-    _caller: &Caller,
+    caller: &Caller,
     view: &ChatRequestView,
 ) -> Result<(), ApiError> {
-    match state.directory.model(&view.model) {
+    match state.directory.model_for(&view.model, caller.user_id) {
         ModelStatus::Unknown => return Err(ApiError::ModelNotFound(view.model.clone())),
         ModelStatus::NoEnabledChannel => return Err(ApiError::NoChannel(view.model.clone())),
         ModelStatus::Available => {}
     }
+    // Only a model the directory knows becomes a label: client-chosen names would not.
+    crate::trace::note_model(&view.model);
     Ok(())
 }
 
@@ -95,9 +188,13 @@ pub(crate) async fn admit(
 pub(crate) async fn enqueue(
     state: &AppState,
     caller: &Caller,
-    item: WorkItem,
+    mut item: WorkItem,
 ) -> Result<FrameReader, ApiError> {
     let ns = &state.ns;
+    let trace_id = item
+        .trace_id
+        .get_or_insert_with(|| crate::trace::current(item.request_id))
+        .clone();
     let sub = state
         .nats
         .subscribe(ns.chunk_subject(&item.request_id))
@@ -116,7 +213,7 @@ pub(crate) async fn enqueue(
     .into_envelope(
         item.accepted_at,
         Metadata {
-            trace_id: None,
+            trace_id: Some(trace_id.clone()),
             key_id: Some(caller.key_id),
             user_id: caller.user_id,
         },
@@ -124,7 +221,11 @@ pub(crate) async fn enqueue(
 
     let publish = async_nats::jetstream::message::PublishMessage::build()
         .payload(payload.into())
-        .message_id(item.request_id.to_string());
+        .message_id(item.request_id.to_string())
+        .header(
+            "traceparent",
+            crate::trace::traceparent(&trace_id, item.request_id),
+        );
     let work_ack = state
         .js
         .send_publish(ns.request_subject(&item.model), publish)
@@ -140,62 +241,6 @@ pub(crate) async fn enqueue(
         tracing::warn!(error = %e, "RequestAccepted was not acknowledged by JetStream");
     }
     Ok(FrameReader::new(sub))
-}
-
-/// Waits for the first frame before answering, so a request that fails before any
-/// content gets a real HTTP error status instead of a 200 with an error inside.
-async fn stream_response(mut reader: FrameReader, deadline: Instant) -> Result<Response, ApiError> {
-    let first = reader
-        .next(deadline)
-        .await
-        .map_err(|e| ApiError::Upstream(relay::read_error_info(&e)))?;
-    if first.kind == FrameKind::Error {
-        return Ok(error_from_frame(first.data.get()));
-    }
-    let body = async_stream::stream! {
-        let mut frame = first;
-        loop {
-            match frame.kind {
-                FrameKind::Chunk | FrameKind::Response => {
-                    yield Ok::<_, std::convert::Infallible>(relay::sse_event(frame.seq, frame.data.get()));
-                }
-                FrameKind::Done => {
-                    yield Ok(Bytes::from_static(relay::SSE_DONE));
-                    return;
-                }
-                FrameKind::Error => {
-                    let info: Option<ApiErrorInfo> = serde_json::from_str(frame.data.get()).ok();
-                    let body = info.map(|i| schemas::openai::error_json(&i)).unwrap_or_default();
-                    yield Ok(relay::sse_event(frame.seq, &body.to_string()));
-                    return;
-                }
-            }
-            frame = loop {
-                let wake = deadline.min(Instant::now() + relay::PING_EVERY);
-                match reader.next(wake).await {
-                    Ok(next) => break next,
-                    Err(ReadError::Timeout) if Instant::now() < deadline => {
-                        yield Ok(Bytes::from_static(relay::SSE_PING));
-                    }
-                    Err(e) => {
-                        let info = relay::read_error_info(&e);
-                        let body = schemas::openai::error_json(&info).to_string();
-                        yield Ok(relay::sse_event(reader.last_seq() + 1, &body));
-                        return;
-                    }
-                }
-            };
-        }
-    };
-    let mut response = Response::new(Body::from_stream(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
 }
 
 /// Folds the frames of a non-streaming request into its one JSON body.

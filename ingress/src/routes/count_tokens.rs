@@ -33,6 +33,7 @@ async fn channel(
         "SELECT base_url, api_key_sealed, model_map FROM channels \
          WHERE enabled AND channel_type = 'anthropic' AND $1 = ANY(models) \
            AND (cardinality(groups) = 0 OR $2 = ANY(groups)) \
+           AND owner_user_id IS NULL \
          ORDER BY priority LIMIT 1",
     )
     .bind(model)

@@ -48,7 +48,8 @@ pub struct KeyView {
     pub prefix: String,
     #[sqlx(rename = "key_group")]
     pub group: String,
-    /// USD; null = unlimited.
+    /// USD; null = no cap. A key without a user spends quota + credits (null: unlimited);
+    /// a key with a user spends the user's balance and plan, at most `quota` + credits.
     #[serde(serialize_with = "usd_opt")]
     pub quota: Option<i64>,
     pub rpm: Option<i32>,
@@ -98,7 +99,7 @@ pub struct CreateKey {
     pub tpm: Option<u32>,
     #[serde(default)]
     pub group: Option<String>,
-    /// USD; absent or null = unlimited (admins only).
+    /// USD; absent or null = no cap (admins only; see [`KeyView::quota`]).
     #[serde(default)]
     pub quota: Option<String>,
     /// Admins only: the owner.
@@ -191,8 +192,9 @@ pub async fn create(
                 .await
                 .map_err(db_error)?
                 .ok_or(AccountError::NotFound("user"))?;
-            // A user's own key spends only what is credited to it.
-            (Some(user), group, Some(0))
+            // A user's key draws on the user's balance and plan; no cap of its own unless
+            // an admin sets one (`quota`).
+            (Some(user), group, None)
         }
         Scope::Admin => {
             if let Some(user) = body.user_id {

@@ -1,10 +1,11 @@
 //! `POST /v1/messages` (Anthropic-compatible, stream and not, `x-api-key` or Bearer) and
 //! `POST /v1/messages/count_tokens`.
 //!
-//! The flow is chat's (authenticate, validate, admit, queue, relay) with Anthropic's shapes
-//! at both ends: the worker already writes frames as Anthropic events (translating when the
-//! channel speaks another protocol), so this module only names the SSE events and renders
-//! errors as `{"type":"error","error":{"type","message"}}`.
+//! The flow is chat's (authenticate, validate, [`chat::submit`], relay) with Anthropic's
+//! shapes at both ends: the worker already writes frames as Anthropic events (translating
+//! when the channel speaks another protocol), so the relay only names the SSE events and
+//! renders errors as `{"type":"error","error":{"type","message"}}`. Streams resume and can
+//! be watched through `GET /v1/streams/{id}` like chat's.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use schemas::anthropic::{validate_messages, validate_messages_request};
@@ -21,9 +23,11 @@ use schemas::work::Api;
 
 use crate::auth::authenticate;
 use crate::error::{anthropic_error_response, ApiError};
+use crate::relay::{self, Framing};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
+use super::chat;
 use super::named::{self, Surface};
 
 pub async fn messages(
@@ -47,13 +51,18 @@ async fn create(
     let caller = authenticate(&state.directory, headers)?;
     let (body, value) = named::read_json(state, body)?;
     let view = validate_messages_request(&value)?;
+    // serde_json accepted the bytes, so they are valid UTF-8 JSON; forward them verbatim.
+    let text =
+        String::from_utf8(body.to_vec()).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let raw = RawValue::from_string(text).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     // Anthropic streams always carry usage (`message_start`, `message_delta`).
-    let submission = named::Submission {
+    let submission = chat::Submission {
+        request_id,
         api: Api::Messages,
         view: &view,
-        body: &body,
         value: &value,
-        surface: Surface::Anthropic,
+        raw,
+        stream: view.stream,
         // Beta features (Claude Code turns several on) reach an Anthropic channel.
         forward_headers: headers
             .get_all("anthropic-beta")
@@ -61,8 +70,14 @@ async fn create(
             .filter_map(|v| v.to_str().ok())
             .map(|v| ("anthropic-beta".to_owned(), v.to_owned()))
             .collect(),
+        session_id: None,
     };
-    named::submit(state, request_id, &caller, submission).await
+    let queued = crate::cache::submit(state, &caller, headers, submission).await?;
+    if view.stream {
+        relay::sse_response(Framing::Anthropic, queued.attach(state)).await
+    } else {
+        named::plain_response(Surface::Anthropic, queued.reader, queued.deadline).await
+    }
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`. When an Anthropic channel

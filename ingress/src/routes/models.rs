@@ -1,5 +1,5 @@
 //! `GET /v1/models` and `GET /v1/models/{id}` in OpenAI's shape: the models enabled
-//! channels serve.
+//! channels serve — shared ones, plus the caller's own personal channels.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -20,10 +20,10 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state.directory, &headers)?;
+    let caller = authenticate(&state.directory, &headers)?;
     let data: Vec<Value> = state
         .directory
-        .models()
+        .models_for(caller.user_id)
         .iter()
         .map(|m| model_object(m))
         .collect();
@@ -35,8 +35,8 @@ pub async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state.directory, &headers)?;
-    match state.directory.model(&id) {
+    let caller = authenticate(&state.directory, &headers)?;
+    match state.directory.model_for(&id, caller.user_id) {
         ModelStatus::Available => Ok(Json(model_object(&id))),
         _ => Err(ApiError::ModelNotFound(id)),
     }

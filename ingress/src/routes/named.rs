@@ -198,6 +198,7 @@ pub async fn submit(
         deadline: now + state.opts.request_timeout,
         trace_id: None,
         forward_headers,
+        session_id: None,
     };
     let reader = hold
         .attach(super::chat::enqueue(state, caller, item).await)

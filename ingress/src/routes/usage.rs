@@ -1,8 +1,13 @@
 //! `GET /api/usage` (the caller's keys) and `GET /api/admin/usage` (everyone, or one user
 //! or key): totals and breakdowns by day, model and key, read from the billing projector's
-//! `daily_usage`. Token counts use OpenAI's names; money is a decimal USD string (`cost`).
+//! `daily_usage`. Token counts use OpenAI's names; money is a decimal USD string (`cost`,
+//! of which `plan_cost` was paid by the user's plan and the rest by the balance).
 //! Query: `from`, `to` (UTC days, inclusive; default the last 30 days), `key_id`, and for
 //! admins `user_id`.
+//!
+//! `GET /api/me/balance` (and `GET /api/admin/users/{id}/balance`): the caller's money —
+//! credits granted to them or to any of their keys, what the balance paid, what is left —
+//! and their plan this month.
 
 use axum::extract::{Query, State};
 use axum::Json;
@@ -43,6 +48,7 @@ struct Row {
     completion_tokens: i64,
     cached_tokens: i64,
     cost_nanos: i64,
+    plan_nanos: i64,
     key_name: Option<String>,
     key_prefix: Option<String>,
     user_id: Option<Uuid>,
@@ -55,6 +61,7 @@ struct Sum {
     completion: i64,
     cached: i64,
     cost: i64,
+    plan: i64,
 }
 
 impl Sum {
@@ -64,6 +71,7 @@ impl Sum {
         self.completion += r.completion_tokens;
         self.cached += r.cached_tokens;
         self.cost += r.cost_nanos;
+        self.plan += r.plan_nanos;
     }
 
     fn json(&self) -> serde_json::Map<String, Value> {
@@ -74,6 +82,7 @@ impl Sum {
             "total_tokens": self.prompt + self.completion,
             "prompt_tokens_details": {"cached_tokens": self.cached},
             "cost": Nanos(self.cost).to_usd_string(),
+            "plan_cost": Nanos(self.plan).to_usd_string(),
         });
         match v {
             Value::Object(m) => m,
@@ -131,7 +140,7 @@ async fn report(
     }
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT d.day, d.key_id, d.model, d.requests, d.prompt_tokens, d.completion_tokens, d.cached_tokens,
-                d.cost_nanos, k.name AS key_name, k.prefix AS key_prefix, k.user_id
+                d.cost_nanos, d.plan_nanos, k.name AS key_name, k.prefix AS key_prefix, k.user_id
          FROM daily_usage d LEFT JOIN api_keys k ON k.id = d.key_id
          WHERE d.day >= $1 AND d.day <= $2
            AND ($3::uuid IS NULL OR k.user_id = $3) AND ($4::uuid IS NULL OR d.key_id = $4)",
@@ -187,4 +196,49 @@ async fn report(
         }
     }
     Ok(Json(out))
+}
+
+/// A user's money: `credits` (granted to the user or to any of their keys), `spent` (what
+/// the balance paid; plans paid the rest), `balance` (what is left), and the plan status.
+async fn balance(state: &AppState, user: Uuid) -> Result<Json<Value>, ApiError> {
+    let (user_credits, key_credits, spent): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COALESCE((SELECT granted_nanos FROM user_balances WHERE user_id = $1), 0)::bigint,
+                COALESCE(sum(b.granted_nanos), 0)::bigint,
+                COALESCE(sum(b.spent_nanos - b.plan_nanos), 0)::bigint
+         FROM api_keys k JOIN key_balances b ON b.key_id = k.id WHERE k.user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(&state.pool)
+    .await
+    .map_err(db_error)?;
+    let credits = user_credits.saturating_add(key_credits);
+    let plan = crate::routes::plans::status(state, user).await?;
+    Ok(Json(json!({
+        "credits": Nanos(credits).to_usd_string(),
+        "spent": Nanos(spent).to_usd_string(),
+        "balance": Nanos(credits.saturating_sub(spent)).to_usd_string(),
+        "plan": plan,
+    })))
+}
+
+pub async fn own_balance(
+    State(state): State<Arc<AppState>>,
+    caller: AuthUser,
+) -> Result<Json<Value>, ApiError> {
+    balance(&state, caller.user_id).await
+}
+
+pub async fn user_balance(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(user): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let user = Uuid::parse_str(&user).map_err(|_| AccountError::NotFound("user"))?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = $1")
+        .bind(user)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(db_error)?;
+    exists.ok_or(AccountError::NotFound("user"))?;
+    balance(&state, user).await
 }

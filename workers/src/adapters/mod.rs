@@ -50,12 +50,58 @@ pub fn unsupported_api(provider: &'static str, api: Api) -> UpstreamError {
 /// gateway budget), `TCP_NODELAY` avoids the 40 ms Nagle/delayed-ACK stall on small
 /// request bodies, and a connect timeout turns a dead host into a fast failover.
 pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    http_client_with_connect(Duration::from_secs(10))
+}
+
+/// [`http_client`] with another connect timeout.
+pub fn http_client_with_connect(connect: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(connect)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_keepalive(Duration::from_secs(30))
         .build()
+}
+
+/// Clients for channels whose `timeouts.connect_secs` differs from the worker's default.
+/// reqwest sets the connect timeout per client, so each distinct value gets one client
+/// (and its own connection pool), built on first use; deployments use a handful at most.
+#[derive(Debug)]
+pub struct ConnectClients {
+    default: Duration,
+    by_secs: std::sync::Mutex<std::collections::HashMap<u64, reqwest::Client>>,
+}
+
+impl ConnectClients {
+    pub fn new(default: Duration) -> Self {
+        Self {
+            default,
+            by_secs: Default::default(),
+        }
+    }
+
+    /// The client to use for a connect timeout of `connect`: `shared` for the default.
+    /// A client that cannot be built (it never fails with these settings) falls back to
+    /// `shared`, logged.
+    pub fn get(&self, connect: Duration, shared: &reqwest::Client) -> reqwest::Client {
+        if connect == self.default {
+            return shared.clone();
+        }
+        let mut map = self.by_secs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = map.get(&connect.as_secs()) {
+            return client.clone();
+        }
+        match http_client_with_connect(connect) {
+            Ok(client) => {
+                map.insert(connect.as_secs(), client.clone());
+                client
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build an HTTP client; using the default connect timeout");
+                shared.clone()
+            }
+        }
+    }
 }
 
 /// What an adapter needs to make one attempt.

@@ -8,6 +8,7 @@ use schemas::Event;
 use tokio::time::{sleep_until, Instant};
 use uuid::Uuid;
 
+use super::backoff;
 use super::outcome::{error_info, exhausted, passthrough};
 use super::{Disposition, Request};
 use crate::adapters::{Adapter, ChunkStream, Reply, RequestBody, UpstreamError, UpstreamRequest};
@@ -24,6 +25,8 @@ pub(super) enum Answer {
     Stream(ChunkStream, Outbound),
     /// The whole body, sent (in the client's format) after the completion is recorded.
     Complete(serde_json::Value, Outbound),
+    /// Relayed by a remote node, which left its last frames pending in the `FrameOut`.
+    Relayed,
 }
 
 /// How one attempt ended.
@@ -33,6 +36,9 @@ pub(super) enum AttemptEnd {
     Aborted,
     /// Frames could not be published: the NATS connection is gone.
     Lost(FrameError),
+    /// Cancelled through `<ns>.cancel.<request_id>`; the upstream call is already dropped.
+    /// Carries the client-side encoder once the answer had started streaming, to close it.
+    Cancelled(Option<Outbound>),
 }
 
 impl<'a> Request<'a> {
@@ -43,12 +49,33 @@ impl<'a> Request<'a> {
     ) -> Disposition {
         let mut last_error: Option<UpstreamError> = None;
         let mut unsupported: Option<Uuid> = None;
+        // The channel that failed last and how many retries it has had since.
+        let mut failed_on: Option<(Uuid, u32)> = None;
         for attempt in plan {
             if unsupported == Some(attempt.channel.id) {
                 continue;
             }
+            match (failed_on, &last_error) {
+                (Some((channel, retries)), Some(e)) if channel == attempt.channel.id => {
+                    failed_on = Some((channel, retries + 1));
+                    match backoff::before_retry(e, retries + 1, &self.ctx.opts) {
+                        backoff::Retry::Now => {}
+                        backoff::Retry::NextChannel => continue,
+                        backoff::Retry::After(wait) => match self.back_off(attempt, wait).await {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(disposition) => return disposition,
+                        },
+                    }
+                }
+                _ => failed_on = None,
+            }
             if Instant::now() >= self.deadline {
                 break;
+            }
+            if self.cancel.is_cancelled() {
+                self.cancelled(None, None).await;
+                return Disposition::Ack;
             }
             if !self.may_try(attempt).await {
                 continue;
@@ -63,8 +90,13 @@ impl<'a> Request<'a> {
                     upstream_model: attempt.upstream_model.clone(),
                 }))
                 .await;
-            let adapter = match Adapter::for_channel(&attempt.channel, &self.ctx.http) {
-                Ok(adapter) => adapter,
+            let connect = self.ctx.opts.limits_for(&attempt.channel).connect;
+            let http = self.ctx.connect_clients.get(connect, &self.ctx.http);
+            let is_node = attempt.channel.channel_type == crate::node::CHANNEL_TYPE;
+            let adapter = match Adapter::for_channel(&attempt.channel, &http) {
+                Ok(adapter) => Some(adapter),
+                // A remote node is called over NATS (`handler::node`), not by an adapter.
+                Err(_) if is_node => None,
                 Err(e) => {
                     // A configuration problem of this channel, not of the request: skip
                     // the channel (all its retries) and go on with the next one.
@@ -84,12 +116,15 @@ impl<'a> Request<'a> {
             };
             let mut tally = Tally::default();
             let in_flight = attempt.health.start();
-            let end = if self.item.stream {
-                self.stream_attempt(&adapter, attempt, req, &mut tally)
-                    .await
-            } else {
-                self.complete_attempt(&adapter, attempt, req, &mut tally)
-                    .await
+            let end = match &adapter {
+                None => self.node_attempt(attempt, &mut tally).await,
+                Some(adapter) if self.item.stream => {
+                    self.stream_attempt(adapter, attempt, req, &mut tally).await
+                }
+                Some(adapter) => {
+                    self.complete_attempt(adapter, attempt, req, &mut tally)
+                        .await
+                }
             };
             drop(in_flight);
             match end {
@@ -99,6 +134,10 @@ impl<'a> Request<'a> {
                     return Disposition::Ack;
                 }
                 AttemptEnd::Aborted => return Disposition::Nak(None),
+                AttemptEnd::Cancelled(outbound) => {
+                    self.cancelled(Some((attempt, &tally)), outbound).await;
+                    return Disposition::Ack;
+                }
                 AttemptEnd::Lost(e) => {
                     tracing::error!(request_id = %self.item.request_id, error = %e, "cannot publish frames; handing the request back");
                     return Disposition::Nak(None);
@@ -126,6 +165,9 @@ impl<'a> Request<'a> {
                         return Disposition::Ack;
                     }
                     self.frames.discard();
+                    if failed_on.is_none() {
+                        failed_on = Some((attempt.channel.id, 0));
+                    }
                     last_error = Some(e);
                 }
             }
@@ -149,23 +191,31 @@ impl<'a> Request<'a> {
         req: UpstreamRequest<'_>,
         limits: Limits,
     ) -> Result<Reply, AttemptEnd> {
+        // A stream's headers count against its first token; a plain answer has only its
+        // total limit (a long generation arrives in one piece).
         let until = if req.stream {
-            (Instant::now() + limits.idle).min(limits.deadline)
+            limits.silent_until(false, limits.started)
         } else {
-            limits.deadline
+            limits.end()
         };
         tokio::select! {
             biased;
             () = self.ctx.abort.cancelled() => Err(AttemptEnd::Aborted),
+            () = self.cancel.cancelled() => Err(AttemptEnd::Cancelled(None)),
             reply = adapter.send(&attempt.channel, req) => reply.map_err(AttemptEnd::Failed),
-            () = sleep_until(until) => Err(AttemptEnd::Failed(relay::timeout(adapter.provider(), limits, Instant::now()))),
+            () = sleep_until(until) => Err(AttemptEnd::Failed(relay::timeout(adapter.provider(), limits, false, Instant::now()))),
         }
     }
 
-    fn limits(&self) -> Limits {
+    /// The limits of an attempt on `channel` starting now.
+    fn limits(&self, channel: &router::Channel) -> Limits {
+        let c = self.ctx.opts.limits_for(channel);
         Limits {
             deadline: self.deadline,
-            idle: self.ctx.opts.stream_idle_timeout,
+            started: Instant::now(),
+            first_token: c.first_token,
+            idle: c.idle,
+            total: c.total,
             window: self.ctx.opts.coalesce_window,
         }
     }
@@ -184,7 +234,7 @@ impl<'a> Request<'a> {
         req: UpstreamRequest<'_>,
         tally: &mut Tally,
     ) -> AttemptEnd {
-        let limits = self.limits();
+        let limits = self.limits(&attempt.channel);
         let mut stream = match self.call(adapter, attempt, req, limits).await {
             Ok(Reply::Stream(stream)) => stream,
             Ok(Reply::Complete(_)) => {
@@ -209,13 +259,17 @@ impl<'a> Request<'a> {
             &mut outbound,
             tally,
             limits,
-            &self.ctx.abort,
+            relay::Interrupts {
+                abort: &self.ctx.abort,
+                cancel: &self.cancel,
+            },
         )
         .await
         {
             Ok(RelayEnd::Finished) => AttemptEnd::Done(Answer::Stream(stream, outbound)),
             Ok(RelayEnd::Failed(e)) => AttemptEnd::Failed(e),
             Ok(RelayEnd::Aborted) => AttemptEnd::Aborted,
+            Ok(RelayEnd::Cancelled) => AttemptEnd::Cancelled(Some(outbound)),
             Err(e) => AttemptEnd::Lost(e),
         }
     }
@@ -227,7 +281,8 @@ impl<'a> Request<'a> {
         req: UpstreamRequest<'_>,
         tally: &mut Tally,
     ) -> AttemptEnd {
-        let mut body = match self.call(adapter, attempt, req, self.limits()).await {
+        let limits = self.limits(&attempt.channel);
+        let mut body = match self.call(adapter, attempt, req, limits).await {
             Ok(Reply::Complete(body)) => body,
             Ok(Reply::Stream(_)) => {
                 return AttemptEnd::Failed(UpstreamError::new(
@@ -250,6 +305,7 @@ impl<'a> Request<'a> {
     }
 
     async fn attempt_failed(&self, attempt: &Attempt, e: &UpstreamError) {
+        crate::metrics::upstream_error(&attempt.channel.name, e.kind);
         tracing::info!(request_id = %self.item.request_id, channel = %attempt.channel.name, attempt = self.attempts, kind = ?e.kind, status = ?e.status, error = %e, "attempt failed");
         self.events
             .emit(Event::AttemptFailed(AttemptFailed {

@@ -14,7 +14,8 @@ use crate::health::now_ms;
 impl Request<'_> {
     /// Whether `attempt` should still be made: its channel may have been banned since the
     /// plan was made (by this request's own earlier attempt, or by another worker), and a
-    /// probe needs its claim.
+    /// probe needs its claim. A retry that waited out its channel's short ban (a 429's
+    /// `Retry-After`) finds it half-open and becomes the probe if nobody else holds it.
     pub(super) async fn may_try(&self, attempt: &Attempt) -> bool {
         if attempt.probe {
             return self
@@ -23,10 +24,16 @@ impl Request<'_> {
                 .claim_probe(attempt.channel.id, &attempt.health)
                 .await;
         }
-        !matches!(
-            attempt.health.availability(now_ms()),
-            Availability::Banned(_) | Availability::HalfOpen { .. }
-        )
+        match attempt.health.availability(now_ms()) {
+            Availability::Closed => true,
+            Availability::Banned(_) | Availability::HalfOpen { probe_free: false } => false,
+            Availability::HalfOpen { probe_free: true } => {
+                self.ctx
+                    .health
+                    .claim_probe(attempt.channel.id, &attempt.health)
+                    .await
+            }
+        }
     }
 
     /// The channel answered: close its breaker, and tell the other workers if it was open.
@@ -49,6 +56,7 @@ impl Request<'_> {
         };
         tracing::warn!(channel = %attempt.channel.name, kind = ?ban.kind, failures = ban.failures, until_ms = ban.until_ms, "channel banned");
         self.ctx.health.banned(attempt.channel.id, &ban).await;
+        crate::metrics::banned(&attempt.channel.name, ban.kind);
         let until = i64::try_from(ban.until_ms)
             .ok()
             .and_then(|ms| Utc.timestamp_millis_opt(ms).single())

@@ -4,7 +4,8 @@
 //! 1. `AttemptStarted` per attempt (not awaited), `AttemptFailed` when one fails;
 //! 2. chunk frames as they come (stream) — nothing before the first content, so an attempt
 //!    can fail over until then;
-//! 3. the terminal event (`CompletionFinished` or `RequestFailed`), awaited until stored;
+//! 3. the terminal event (`CompletionFinished`, `RequestFailed` or `RequestCancelled`),
+//!    awaited until stored;
 //! 4. the last frames with `Done` or `Error` in one message;
 //! 5. the ack of the work message.
 //!
@@ -13,7 +14,10 @@
 //! (the worker died) is recognised from the last stored frame instead of run twice.
 
 mod attempt;
+mod backoff;
 mod breaker;
+mod lost;
+mod node;
 mod outcome;
 
 use std::future::Future;
@@ -44,10 +48,14 @@ pub struct Ctx {
     /// Bans and in-flight counts shared with the other workers.
     pub health: std::sync::Arc<crate::health::SharedHealth>,
     pub http: reqwest::Client,
+    /// Clients for channels with their own `timeouts.connect_secs`.
+    pub connect_clients: crate::adapters::ConnectClients,
     pub opts: WorkerOptions,
     /// Cancelled when the shutdown grace period is over: requests still running stop and
     /// hand their message back to the queue.
     pub abort: CancellationToken,
+    /// Stop signals of the requests in flight, fed by `<ns>.cancel.*`.
+    pub cancels: std::sync::Arc<crate::cancel::Cancels>,
 }
 
 /// What to tell JetStream about the work message.
@@ -78,7 +86,13 @@ pub async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         }
     };
     let delivered = msg.info().map_or(1, |i| i.delivered);
-    let work = Request::new(ctx, &item, taken_at).run(delivered);
+    let _in_flight = crate::metrics::in_flight();
+    crate::metrics::queue_wait(&item.model, item.accepted_at);
+    let registration = ctx.cancels.register(item.request_id);
+    let work = Request::new(ctx, &item, taken_at, registration.signal().clone()).run(delivered);
+    // Every line logged for this request carries its id and the trace id from the ingress.
+    let span = tracing::info_span!("request", request_id = %item.request_id, trace_id = item.trace_id.as_deref().unwrap_or_default());
+    let work = tracing::Instrument::instrument(work, span);
     let disposition = with_progress(&msg, ctx.opts.progress_interval, work).await;
     let acked = match disposition {
         Disposition::Ack => msg.ack().await,
@@ -117,10 +131,17 @@ struct Request<'a> {
     frames: FrameOut,
     events: EventOut<'a>,
     attempts: u32,
+    /// Set by `<ns>.cancel.<request_id>`: stop the upstream call and bill what was made.
+    cancel: crate::cancel::Signal,
 }
 
 impl<'a> Request<'a> {
-    fn new(ctx: &'a Ctx, item: &'a WorkItem, taken_at: Instant) -> Self {
+    fn new(
+        ctx: &'a Ctx,
+        item: &'a WorkItem,
+        taken_at: Instant,
+        cancel: crate::cancel::Signal,
+    ) -> Self {
         let left = (item.deadline - Utc::now())
             .to_std()
             .unwrap_or(Duration::ZERO);
@@ -134,25 +155,15 @@ impl<'a> Request<'a> {
             chunk_subject,
             events: EventOut::new(&ctx.js, &ctx.ns, item),
             attempts: 0,
+            cancel,
         }
     }
 
     async fn run(mut self, delivered: i64) -> Disposition {
         if delivered > 1 {
-            match self.prior_frames().await {
-                Ok(Prior::Nothing) => {}
-                Ok(Prior::Ended) => return Disposition::Ack,
-                Ok(Prior::Started { last_seq }) => {
-                    self.frames.continue_after(last_seq);
-                    let message = "the worker serving this request stopped after the answer had started; send the request again";
-                    self.fail(error_info(ErrorKind::WorkerLost, message), None, None)
-                        .await;
-                    return Disposition::Ack;
-                }
-                Err(e) => {
-                    tracing::warn!(request_id = %self.item.request_id, error = %e, "cannot read a redelivered request's frames; retrying later");
-                    return Disposition::Nak(Some(Duration::from_secs(1)));
-                }
+            // The worker that had it died (or lost NATS past the ack wait): see `lost`.
+            if let Some(disposition) = self.redelivered().await {
+                return disposition;
             }
         }
         if self.item.deadline <= Utc::now() {
@@ -188,6 +199,7 @@ impl<'a> Request<'a> {
             router::Route {
                 model: &self.item.model,
                 group: &self.item.group,
+                user: self.item.user_id,
             },
             &self.ctx.opts.policy,
             now_ms,

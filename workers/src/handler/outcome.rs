@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use router::Attempt;
-use schemas::events::{CompletionFinished, RequestFailed};
-use schemas::work::{ApiErrorInfo, DoneData, ErrorKind, FrameKind};
+use schemas::events::{CompletionFinished, RequestCancelled, RequestFailed};
+use schemas::work::{ApiErrorInfo, DoneData, ErrorKind, FrameKind, FINISH_CANCELLED};
 use schemas::{Event, Usage, UsageSource};
 use serde::Serialize;
 use uuid::Uuid;
@@ -15,6 +15,7 @@ use super::Request;
 use crate::adapters::UpstreamError;
 use crate::estimate;
 use crate::tally::Tally;
+use crate::translate::Outbound;
 
 /// How long a finished stream's connection may take to reach EOF before it is dropped.
 const RELEASE_LIMIT: Duration = Duration::from_millis(100);
@@ -42,10 +43,12 @@ impl Request<'_> {
                 ttft_ms: tally.first_content_at.map(|t| ms(t - self.taken_at)),
                 duration_ms: ms(self.taken_at.elapsed()),
                 attempts: self.attempts,
-                session_id: None,
-                content: None,
+                // Only a session's turn keeps its text: it is the conversation's history.
+                session_id: self.item.session_id,
+                content: self.item.session_id.map(|_| tally.content()),
             }))
             .await;
+        crate::metrics::finished(&self.item.model, attempt, tally, self.taken_at, &usage);
         let estimated = usage_source == UsageSource::Estimated;
         let (pushed, stream) = match answer {
             Answer::Complete(body, outbound) => {
@@ -57,6 +60,7 @@ impl Request<'_> {
                 let pushed = outbound.finish(rewriter, tally, &usage, estimated, &mut self.frames);
                 (pushed, Some(stream))
             }
+            Answer::Relayed => (Ok(()), None),
         };
         if let Err(e) = pushed {
             tracing::error!(request_id = %self.item.request_id, error = %e, "cannot encode the answer's last frames");
@@ -100,10 +104,91 @@ impl Request<'_> {
                 usage_source: usage.map(|(_, s)| s),
             }))
             .await;
+        crate::metrics::failed(&self.item.model, &self.ctx.channels, channel_id, &info);
         self.send_last(FrameKind::Error, &info).await;
     }
 
-    async fn send_last<T: Serialize>(&mut self, kind: FrameKind, data: &T) {
+    /// Records `RequestCancelled` with the usage made so far, then ends the client's stream.
+    /// `served`: the attempt that was running (its prompt was sent, so it is billed with
+    /// what was generated: the provider's usage if it arrived, else the tokenizer's count);
+    /// `None` when no upstream call had started, which bills nothing.
+    ///
+    /// Once content went out the stream ends cleanly: the API's closing frames (the usage
+    /// chunk a chat client asked for, Anthropic's `message_stop`) and `Done` with
+    /// `finish_reason: "cancelled"`. Before any content it ends with a `cancelled` error
+    /// (status 499), so a client still waiting for its first byte gets an error status.
+    pub(super) async fn cancelled(
+        &mut self,
+        served: Option<(&Attempt, &Tally)>,
+        outbound: Option<Outbound>,
+    ) {
+        let reason = self.cancel.reason();
+        let (usage, usage_source) = match served {
+            Some((_, tally)) if tally.usage.is_some() => {
+                (tally.usage.unwrap_or_default(), UsageSource::Provider)
+            }
+            Some((attempt, tally)) => {
+                // Tokenizing is CPU work (and on a fresh worker waits for the vocabulary
+                // to load): off the async threads, so nothing else of this process, such
+                // as the dropped upstream connection closing, waits behind it.
+                let (model, body, text) = (
+                    attempt.upstream_model.clone(),
+                    self.item.body.clone(),
+                    tally.text.clone(),
+                );
+                let counted =
+                    tokio::task::spawn_blocking(move || estimate::estimate(&model, &body, &text))
+                        .await;
+                match counted {
+                    Ok(usage) => (usage, UsageSource::Estimated),
+                    Err(e) => {
+                        tracing::error!(request_id = %self.item.request_id, error = %e, "estimating a cancelled request's usage failed; billing none");
+                        (Usage::default(), UsageSource::Estimated)
+                    }
+                }
+            }
+            None => (Usage::default(), UsageSource::Estimated),
+        };
+        tracing::debug!(request_id = %self.item.request_id, reason = reason.as_str(), "request cancelled");
+        self.events
+            .record(Event::RequestCancelled(RequestCancelled {
+                request_id: self.item.request_id,
+                key_id: self.item.key_id,
+                user_id: self.item.user_id,
+                model: self.item.model.clone(),
+                channel_id: served.map(|(attempt, _)| attempt.channel.id),
+                usage,
+                usage_source,
+                reason: reason.as_str().to_owned(),
+            }))
+            .await;
+        crate::metrics::cancelled(&self.item.model, served.map(|(attempt, _)| attempt));
+        if !self.frames.published() {
+            self.frames.discard();
+            let mut info = error_info(
+                ErrorKind::Cancelled,
+                "the request was cancelled before the answer started",
+            );
+            info.code = Some("request_cancelled".to_owned());
+            self.send_last(FrameKind::Error, &info).await;
+            return;
+        }
+        if let (Some(mut outbound), Some((_, tally))) = (outbound, served) {
+            let estimated = usage_source == UsageSource::Estimated;
+            let rewriter = self.rewriter();
+            if let Err(e) = outbound.finish(rewriter, tally, &usage, estimated, &mut self.frames) {
+                tracing::error!(request_id = %self.item.request_id, error = %e, "cannot encode a cancelled stream's closing frames");
+            }
+        }
+        let done = DoneData {
+            usage,
+            usage_source,
+            finish_reason: Some(FINISH_CANCELLED.to_owned()),
+        };
+        self.send_last(FrameKind::Done, &done).await;
+    }
+
+    pub(super) async fn send_last<T: Serialize>(&mut self, kind: FrameKind, data: &T) {
         let sent = match self.frames.push(kind, data) {
             Ok(()) => self.frames.flush().await,
             Err(e) => Err(e),

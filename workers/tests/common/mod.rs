@@ -204,6 +204,7 @@ impl Harness {
             deadline: Utc::now() + chrono::Duration::seconds(30),
             trace_id: None,
             forward_headers: Vec::new(),
+            session_id: None,
         }
     }
 
