@@ -351,6 +351,7 @@ async fn synth(settings: &Settings, count: u64, force: bool) -> anyhow::Result<(
             key_id,
             user_id: None,
             group: "default".to_owned(),
+            session_id: None,
         });
         position += 1;
         batch.push((position, accepted.into_envelope(at, meta.clone())));

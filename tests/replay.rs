@@ -369,6 +369,7 @@ async fn export_of_a_time_range_holds_exactly_its_events() {
                 key_id: key,
                 user_id: None,
                 group: "default".into(),
+                session_id: None,
             })
         };
         log.push((i + 1, event.into_envelope(at, Metadata::default())));
@@ -596,6 +597,7 @@ async fn synth_refuses_a_namespace_with_real_traffic() {
         key_id: schemas::new_id(),
         user_id: None,
         group: "default".into(),
+        session_id: None,
     })
     .into_envelope(t0(), Metadata::default());
     let price = Event::PriceSet(PriceSet {

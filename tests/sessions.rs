@@ -771,3 +771,102 @@ async fn sessions_are_private_validated_and_wait_for_the_projector() {
     );
     stack.stop().await;
 }
+
+/// A session turn cut after 5 content events resumes through `GET /v1/streams/{id}` in
+/// session framing (`content` … `usage`, `end`, `complete`): the rest of the answer once,
+/// in order, from the one upstream call, and the answer is stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_session_turn_resumes_in_session_framing() {
+    const N: usize = 30;
+    let stack = Stack::start(StackOptions {
+        mock: MockConfig {
+            chunks: N as u32,
+            chunk_delay_ms: 60,
+            ..MockConfig::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let (_, key) = user(&stack, "carol").await;
+    let calls_before = stack.mock.stats().requests_total;
+    let (status, created) = call(
+        &stack,
+        Method::POST,
+        "/api/sessions",
+        Some(&key),
+        Some(json!({"title": "Long", "model": MODEL})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let session = created["id"].as_str().unwrap().to_owned();
+
+    let mut resp = stack
+        .http
+        .post(format!("{}/api/sessions/{session}/chat", stack.base))
+        .bearer_auth(&key)
+        .json(&json!({"content": "tell me a long story"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let request_id = resp.headers()["x-sluice-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // Read up to the fifth complete `content` event, then hang up.
+    let mut raw = String::new();
+    let seen = loop {
+        let chunk = resp
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the stream is still open");
+        raw.push_str(std::str::from_utf8(&chunk).unwrap());
+        let complete = &raw[..raw.rfind("\n\n").map_or(0, |i| i + 2)];
+        let (events, _) = parse(complete);
+        if events.iter().filter(|e| e.event == "content").count() >= 5 {
+            break events;
+        }
+    };
+    drop(resp);
+    let last = seen.iter().filter_map(|e| e.id).max().unwrap();
+
+    let resp = stack
+        .http
+        .get(format!("{}/v1/streams/{request_id}", stack.base))
+        .bearer_auth(&key)
+        .header("Last-Event-ID", last.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (resumed, _) = parse(&resp.text().await.unwrap());
+    let names: Vec<&str> = resumed.iter().map(|e| e.event.as_str()).collect();
+    assert!(!names.contains(&"start"), "{names:?}");
+    assert_eq!(names[names.len() - 3..], ["usage", "end", "complete"]);
+    assert!(names[..names.len() - 3].iter().all(|n| *n == "content"));
+
+    let contents = seen
+        .iter()
+        .chain(&resumed)
+        .filter(|e| e.event == "content")
+        .collect::<Vec<_>>();
+    let ids: Vec<u64> = contents.iter().filter_map(|e| e.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[1] > w[0]),
+        "in order, no repeats: {ids:?}"
+    );
+    let text: String = contents
+        .iter()
+        .map(|e| e.data["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, answer(N));
+    assert_eq!(stack.mock.stats().requests_total - calls_before, 1);
+
+    let complete = &resumed.last().unwrap().data;
+    assert_eq!(complete["request_id"], json!(request_id));
+    assert_eq!(complete["stored"], json!(true));
+    let stored = stored_messages(&stack, &session, &key).await;
+    assert_eq!(stored.last().unwrap()["content"], json!(answer(N)));
+    stack.stop().await;
+}

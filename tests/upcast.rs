@@ -101,6 +101,7 @@ async fn a_stored_v1_completion_is_billed_by_live_billing_and_by_replay() {
         key_id: key,
         user_id: None,
         group: "default".into(),
+        session_id: None,
     });
     let finished = Event::CompletionFinished(CompletionFinished {
         request_id: new_request,

@@ -140,6 +140,7 @@ fn random_log(seed: u64, requests: usize) -> Vec<(i64, Envelope)> {
                     key_id: key,
                     user_id: None,
                     group: "default".into(),
+                    session_id: None,
                 }),
                 at,
             ));

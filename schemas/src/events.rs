@@ -240,6 +240,9 @@ pub struct RequestAccepted {
     pub key_id: Uuid,
     pub user_id: Option<Uuid>,
     pub group: String,
+    /// The session whose turn this is: a resumed stream is then framed as session chat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Uuid>,
 }
 
 /// A worker started calling a channel for a request.

@@ -27,6 +27,31 @@ use crate::relay::{self, Attachment, FrameReader, Framing};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
+/// Create a chat completion (OpenAI-compatible)
+///
+/// The body is forwarded to the upstream verbatim; Sluice reads `model`, `messages`,
+/// `stream`, `stream_options` and `max_tokens`. With `stream: true` the answer is
+/// server-sent events (`data: {chunk}` lines, then `data: [DONE]`), resumable through
+/// `GET /v1/streams/{id}` with the id from `x-sluice-request-id`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "createChatCompletion",
+    tag = "openai",
+    request_body = crate::openapi::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream", content(
+            (crate::openapi::ChatCompletion = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 503, description = "No channel serves the model now, or the queue is unavailable"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -209,6 +234,7 @@ pub(crate) async fn enqueue(
         key_id: caller.key_id,
         user_id: caller.user_id,
         group: caller.group.clone(),
+        session_id: item.session_id,
     })
     .into_envelope(
         item.accepted_at,

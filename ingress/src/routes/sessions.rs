@@ -1059,7 +1059,7 @@ async fn run_turn(
         request_id,
         limit,
     };
-    Ok(stream_turn(ctx, reader, start))
+    Ok(stream_turn(ctx, reader, Some(start)))
 }
 
 /// The turn was stored but its request never reached the queue: record that it failed,
@@ -1148,11 +1148,35 @@ fn error_event(id: u64, info: &ApiErrorInfo) -> Bytes {
     sse(Some(id), "error", &schemas::openai::error_json(info))
 }
 
-fn stream_turn(ctx: StreamCtx, mut reader: Attachment, start: Value) -> Response {
+/// `GET /v1/streams/{id}` of a session turn: the rest of the turn in session framing,
+/// `start` included only when watching from the beginning.
+pub fn resume_turn(
+    state: Arc<AppState>,
+    session_id: Uuid,
+    request_id: Uuid,
+    model: &str,
+    after: u64,
+    reader: Attachment,
+) -> Response {
+    let start = (after == 0).then(|| {
+        json!({"session_id": session_id, "message_id": request_id, "request_id": request_id, "model": model})
+    });
+    let ctx = StreamCtx {
+        state,
+        session_id,
+        request_id,
+        limit: OPTIONS.limits.limit(model),
+    };
+    stream_turn(ctx, reader, start)
+}
+
+fn stream_turn(ctx: StreamCtx, mut reader: Attachment, start: Option<Value>) -> Response {
     let ping = OPTIONS.ping;
     let deadline = reader.deadline();
     let body = async_stream::stream! {
-        yield Ok::<_, std::convert::Infallible>(sse(Some(0), "start", &start));
+        if let Some(start) = start {
+            yield Ok::<_, std::convert::Infallible>(sse(Some(0), "start", &start));
+        }
         loop {
             let wake = deadline.min(Instant::now() + ping);
             let frame = match reader.next(wake).await {

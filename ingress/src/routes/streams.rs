@@ -3,7 +3,8 @@
 //! - `GET /v1/streams/{request_id}`: with `Last-Event-ID`, resumes a stream after the last
 //!   event the client saw; without it, watches the stream from the start (a second device).
 //!   Frames come from `<NS>_CHUNKS` (replayed, then live) through any ingress, in the
-//!   framing of the API the request came in on; the generation is never run twice.
+//!   framing of the API the request came in on (a session turn in session framing); the
+//!   generation is never run twice.
 //! - `POST /api/requests/{request_id}/cancel`: stops a generation (`<ns>.cancel.<id>`); the
 //!   worker bills what was generated and ends the stream.
 //!
@@ -79,6 +80,9 @@ pub struct RequestRecord {
     pub key_id: Uuid,
     pub user_id: Option<Uuid>,
     pub accepted_at: DateTime<Utc>,
+    pub model: String,
+    /// Set for a session turn, which resumes in session framing.
+    pub session_id: Option<Uuid>,
 }
 
 impl RequestRecord {
@@ -123,6 +127,8 @@ pub async fn find_request(state: &AppState, id: Uuid) -> Result<Option<RequestRe
                 key_id: e.key_id,
                 user_id: e.user_id,
                 accepted_at: envelope.map_or_else(Utc::now, |env| env.occurred_at),
+                model: e.model,
+                session_id: e.session_id,
             }));
         }
         next = events
@@ -262,6 +268,16 @@ pub async fn resume(
             .filter(|_| record.stream)
             .ok_or_else(|| ApiError::from(AccountError::NotFound("stream")))?;
         let att = open(&state, &record, after).await?;
+        if let Some(session_id) = record.session_id {
+            return Ok(super::sessions::resume_turn(
+                state.clone(),
+                session_id,
+                record.request_id,
+                &record.model,
+                after,
+                att,
+            ));
+        }
         relay::sse_response(framing, att).await
     }
     .await;

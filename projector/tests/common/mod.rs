@@ -115,6 +115,7 @@ pub fn accepted(request_id: Uuid, key_id: Uuid) -> Event {
         key_id,
         user_id: None,
         group: "default".into(),
+        session_id: None,
     })
 }
 
