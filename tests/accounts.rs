@@ -5,69 +5,10 @@
 
 mod common;
 
-use common::{Stack, StackOptions, ADMIN_TOKEN, MODEL};
+use common::{call, chat_as, hello, register, until_chat, Stack, StackOptions, ADMIN_TOKEN, MODEL};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-async fn call(
-    stack: &Stack,
-    method: Method,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, Value, String) {
-    let mut req = stack.http.request(method, format!("{}{path}", stack.base));
-    if let Some(b) = bearer {
-        req = req.bearer_auth(b);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    (status, value, text)
-}
-
-async fn register(stack: &Stack, name: &str, password: &str) -> (String, String, String) {
-    let (status, body, text) = call(
-        stack,
-        Method::POST,
-        "/api/auth/register",
-        None,
-        Some(json!({"name": name, "email": format!("{name}@example.com"), "password": password})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{text}");
-    assert!(
-        !text.contains("argon2") && !text.contains(password),
-        "{text}"
-    );
-    (
-        body["token"].as_str().unwrap().to_owned(),
-        body["user"]["id"].as_str().unwrap().to_owned(),
-        text,
-    )
-}
-
-fn chat_body() -> Value {
-    json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]})
-}
-
-async fn chat_status(stack: &Stack, key: &str) -> (StatusCode, Value) {
-    let resp = stack
-        .http
-        .post(format!("{}/v1/chat/completions", stack.base))
-        .bearer_auth(key)
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
 async fn users_keys_isolation_revocation_and_no_secrets() {
@@ -76,7 +17,7 @@ async fn users_keys_isolation_revocation_and_no_secrets() {
 
     // Register and log in.
     let alice_pw = "alice-password-1";
-    let (alice_jwt, alice_id, _) = register(&stack, "alice", alice_pw).await;
+    let (alice_jwt, alice_id) = register(&stack, "alice", alice_pw).await;
     seen_secrets.push(alice_pw.into());
     let (status, _, _) = call(
         &stack,
@@ -152,7 +93,7 @@ async fn users_keys_isolation_revocation_and_no_secrets() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // The new key has no credit yet: OpenAI's insufficient_quota.
-    let (status, err) = chat_status(&stack, &alice_key).await;
+    let (status, err) = chat_as(&stack, &alice_key, &hello(MODEL, 5)).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(err["error"]["code"], "insufficient_quota");
     // An admin grants credit; once projected the key works.
@@ -165,25 +106,14 @@ async fn users_keys_isolation_revocation_and_no_secrets() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{text}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, _) = chat_status(&stack, &alice_key).await;
-        if status == StatusCode::OK {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "credit never reached the key: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_chat(&stack, &alice_key, &hello(MODEL, 5), StatusCode::OK).await;
     // A key authenticates /api as its owner.
     let (status, me, _) = call(&stack, Method::GET, "/api/me", Some(&alice_key), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(me["id"], json!(alice_id));
 
     // Bob sees nothing of Alice's.
-    let (bob_jwt, _, _) = register(&stack, "bob", "bob-password-1").await;
+    let (bob_jwt, _) = register(&stack, "bob", "bob-password-1").await;
     let (_, listed, _) = call(&stack, Method::GET, "/api/keys", Some(&bob_jwt), None).await;
     assert_eq!(listed["data"], json!([]));
     let path = format!("/api/keys/{alice_key_id}");
@@ -221,7 +151,7 @@ async fn users_keys_isolation_revocation_and_no_secrets() {
     let (status, revoked, _) = call(&stack, Method::DELETE, &path, Some(&alice_jwt), None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(revoked["revoked_at"].is_string());
-    let (status, _) = chat_status(&stack, &alice_key).await;
+    let (status, _) = chat_as(&stack, &alice_key, &hello(MODEL, 5)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let revoked_events: i64 = {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -345,7 +275,7 @@ async fn cli_creates_the_first_admin() {
     assert_eq!(status, StatusCode::CREATED, "{text}");
     assert_eq!(key["quota"], "2.5");
     // The key may not use a model outside its allow-list.
-    let (status, err) = chat_status(&stack, key["key"].as_str().unwrap()).await;
+    let (status, err) = chat_as(&stack, key["key"].as_str().unwrap(), &hello(MODEL, 5)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(err["error"]["code"], "model_not_found");
     // Widen it; the change applies at once.
@@ -359,7 +289,7 @@ async fn cli_creates_the_first_admin() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = chat_status(&stack, key["key"].as_str().unwrap()).await;
+    let (status, _) = chat_as(&stack, key["key"].as_str().unwrap(), &hello(MODEL, 5)).await;
     assert_eq!(status, StatusCode::OK);
     stack.stop().await;
 }
@@ -367,8 +297,8 @@ async fn cli_creates_the_first_admin() {
 #[tokio::test]
 async fn redemption_codes_and_debits_move_a_keys_credit() {
     let stack = Stack::start(StackOptions::default()).await;
-    let (dave, _, _) = register(&stack, "dave", "dave-password-1").await;
-    let (eve, _, _) = register(&stack, "eve", "eve-password-1").await;
+    let (dave, _) = register(&stack, "dave", "dave-password-1").await;
+    let (eve, _) = register(&stack, "eve", "eve-password-1").await;
     let (_, key, _) = call(
         &stack,
         Method::POST,

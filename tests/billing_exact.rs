@@ -13,9 +13,12 @@ use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 
 use chrono::{DateTime, Datelike, Utc};
-use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
+use common::{
+    admin_key, admin_user, call, channel_yaml, grant_credit, mock, Stack, StackOptions,
+    ADMIN_TOKEN, KEY, MODEL,
+};
 use futures::StreamExt;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -23,22 +26,16 @@ use uuid::Uuid;
 const OTHER: &str = "gpt-other";
 const CLAUDE: &str = "claude-test";
 
-async fn post(stack: &Stack, path: &str, body: Value) -> (StatusCode, Value) {
-    let resp = stack
-        .http
-        .post(format!("{}{path}", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 async fn set_price(stack: &Stack, body: Value) {
-    let (status, answer) = post(stack, "/api/admin/prices", body).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (status, _, text) = call(
+        stack,
+        Method::POST,
+        "/api/admin/prices",
+        Some(ADMIN_TOKEN),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
 }
 
 /// A price as read back from a `PriceSet` event: nano-dollars per million tokens.
@@ -204,16 +201,9 @@ async fn rows(pool: &sqlx::PgPool, schema: &str, table: &str, order: &str) -> Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_mixed_requests_bill_to_the_nano_and_replay_identically() {
-    let upstream =
-        mock_upstream::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
-            .await
-            .unwrap();
-    let extra = format!(
-        "  - name: mock-other\n    type: openai\n    base_url: {}\n    models: [{OTHER}]\n    priority: 1\n\
-         \x20 - name: mock-claude\n    type: anthropic\n    base_url: {}\n    models: [{CLAUDE}]\n    priority: 1\n",
-        upstream.base_url(),
-        upstream.root_url()
-    );
+    let upstream = mock(Default::default()).await;
+    let extra = channel_yaml("mock-other", "openai", &upstream.base_url(), OTHER, 1)
+        + &channel_yaml("mock-claude", "anthropic", &upstream.root_url(), CLAUDE, 1);
     let stack = Stack::start(StackOptions {
         extra_channels: extra,
         workers: 2,
@@ -235,40 +225,32 @@ async fn five_hundred_mixed_requests_bill_to_the_nano_and_replay_identically() {
     .await;
 
     // A user whose plan pays for two of the three models and runs out during the run.
-    let (status, user) = post(&stack, "/api/admin/users", json!({"name": "vic"})).await;
-    assert_eq!(status, StatusCode::CREATED, "{user}");
-    let user_id = user["id"].as_str().unwrap().to_owned();
-    let (status, key) = post(
-        &stack,
-        "/api/admin/keys",
-        json!({"name": "vic", "user_id": user_id}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let user_id = admin_user(&stack, "vic").await;
+    let key = admin_key(&stack, json!({"name": "vic", "user_id": user_id})).await;
     let user_key = key["key"].as_str().unwrap().to_owned();
-    let (status, plan) = post(
+    let (status, plan, text) = call(
         &stack,
+        Method::POST,
         "/api/admin/plans",
-        json!({"name": "team", "quota": "0.01", "models": [MODEL, CLAUDE]}),
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "team", "quota": "0.01", "models": [MODEL, CLAUDE]})),
     )
     .await;
-    assert_eq!(status, StatusCode::CREATED, "{plan}");
-    let assigned = stack
-        .http
-        .put(format!("{}/api/admin/users/{user_id}/plan", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"plan_id": plan["id"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(assigned.status(), StatusCode::OK);
-    let (status, credit) = post(
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let (status, _, text) = call(
         &stack,
-        "/api/admin/credits",
+        Method::PUT,
+        &format!("/api/admin/users/{user_id}/plan"),
+        Some(ADMIN_TOKEN),
+        Some(json!({"plan_id": plan["id"]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    grant_credit(
+        &stack,
         json!({"user_id": user_id, "amount": "10", "note": "run"}),
     )
     .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{credit}");
 
     let models = [MODEL, OTHER, CLAUDE];
     let requests: Vec<(String, Value)> = (0..500u64)

@@ -7,13 +7,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{free_port, parse_sse, Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
+use common::{
+    admin_key, admin_user, grant_credit, parse_sse, request_id, until_chat, OwnRedis, Stack,
+    StackOptions, KEY, MODEL,
+};
 
 fn question(text: &str) -> Value {
     json!({"model": MODEL, "temperature": 0, "mock": {"chunks": 6},
@@ -38,15 +40,8 @@ async fn ask(stack: &Stack, key: &str, body: &Value, cache: Option<&str>) -> (St
     if resp.status() != StatusCode::OK {
         panic!("{}: {}", resp.status(), resp.text().await.unwrap());
     }
-    let id = request_id(&resp);
+    let id = request_id(&resp).to_string();
     (id, resp.json().await.unwrap())
-}
-
-fn request_id(resp: &reqwest::Response) -> String {
-    resp.headers()["x-sluice-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned()
 }
 
 fn upstream_calls(stack: &Stack) -> u64 {
@@ -63,51 +58,22 @@ fn content(body: &Value) -> String {
 /// A user with one key and some credit, created by the admin; returns the key once the
 /// ingress admits its requests.
 async fn user_key(stack: &Stack, name: &str) -> String {
-    let user: Value = stack
-        .http
-        .post(format!("{}/api/admin/users", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": name}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key: Value = stack
-        .http
-        .post(format!("{}/api/admin/keys", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": name, "user_id": user["id"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let user_id = admin_user(stack, name).await;
+    let key = admin_key(stack, json!({"name": name, "user_id": user_id})).await;
     let key = key["key"].as_str().unwrap().to_owned();
-    let credit = stack
-        .http
-        .post(format!("{}/api/admin/credits", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"user_id": user["id"], "amount": "5.00", "note": "cache test"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(credit.status().is_success(), "{}", credit.status());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = send(stack, &key, &question(&format!("warm-up of {name}")), None).await;
-        if resp.status() == StatusCode::OK {
-            return key;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new key was never admitted: {}",
-            resp.status()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    grant_credit(
+        stack,
+        json!({"user_id": user_id, "amount": "5.00", "note": "cache test"}),
+    )
+    .await;
+    until_chat(
+        stack,
+        &key,
+        &question(&format!("warm-up of {name}")),
+        StatusCode::OK,
+    )
+    .await;
+    key
 }
 
 /// Waits until `n` entries of the namespace are stored in Redis at `url`.
@@ -200,7 +166,7 @@ async fn a_cached_answer_replays_without_upstream_and_costs_the_cache_price() {
         resp.headers()["content-type"].to_str().unwrap(),
         "text/event-stream"
     );
-    let stream_id = request_id(&resp);
+    let stream_id = request_id(&resp).to_string();
     let events = parse_sse(&resp.text().await.unwrap());
     assert_eq!(events.last().unwrap().1, "[DONE]");
     let ids: Vec<u64> = events.iter().filter_map(|(id, _)| *id).collect();
@@ -267,66 +233,18 @@ async fn a_cached_answer_replays_without_upstream_and_costs_the_cache_price() {
     stack.stop().await;
 }
 
-/// A Redis server of the test's own, on a free port, that the test may stop.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    async fn start() -> Self {
-        let port = free_port();
-        let bin = [
-            "/usr/bin/redis-server",
-            "/usr/sbin/redis-server",
-            "/usr/local/bin/redis-server",
-        ]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("redis-server");
-        let child = Command::new(bin)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let url = format!("redis://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, url }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_gone_cached_requests_are_still_served_upstream() {
-    let mut redis = OwnRedis::start().await;
+    let mut redis = OwnRedis::start();
     let stack = Stack::start(StackOptions {
-        env: vec![("SLUICE_REDIS_URL", redis.url.clone())],
+        env: vec![("SLUICE_REDIS_URL", redis.url())],
         ..Default::default()
     })
     .await;
     let q = question("and when Redis is gone?");
     let before = upstream_calls(&stack);
     let (_, first) = ask(&stack, KEY, &q, Some("on")).await;
-    wait_cached(&redis.url, &stack, 1).await;
+    wait_cached(&redis.url(), &stack, 1).await;
     let (_, again) = ask(&stack, KEY, &q, Some("on")).await;
     assert_eq!(again, first);
     assert_eq!(upstream_calls(&stack), before + 1, "the second was a hit");

@@ -10,36 +10,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
-use mock_upstream::{MockConfig, MockUpstream};
+use common::{
+    call, channel_yaml, chat_as, mock, until_chat, Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL,
+};
+use mock_upstream::MockConfig;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const PROVIDER_KEY: &str = "sk-provider-secret-0123456789";
-
-async fn call(
-    stack: &Stack,
-    method: Method,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, Value, String) {
-    let mut req = stack.http.request(method, format!("{}{path}", stack.base));
-    if let Some(b) = bearer {
-        req = req.bearer_auth(b);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
-}
 
 async fn admin(
     stack: &Stack,
@@ -50,39 +28,14 @@ async fn admin(
     call(stack, method, path, Some(ADMIN_TOKEN), body).await
 }
 
+/// "hi" to `model`.
+fn hi(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// A chat for `model` with the test key; its status.
 async fn chat_status(stack: &Stack, model: &str) -> StatusCode {
-    stack
-        .http
-        .post(format!("{}/v1/chat/completions", stack.base))
-        .bearer_auth(KEY)
-        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
-
-/// Polls until a chat for `model` answers `want` (config changes apply within the 2 s
-/// refresh); fails after 20 s.
-async fn until_chat(stack: &Stack, model: &str, want: StatusCode) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = chat_status(stack, model).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chat for {model} still answers {got}, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn mock(config: MockConfig) -> MockUpstream {
-    MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
+    chat_as(stack, KEY, &hi(model)).await.0
 }
 
 #[tokio::test]
@@ -218,7 +171,7 @@ async fn admin_manages_channels_and_workers_follow_without_restart() {
     }
 
     // Running workers route to it (with the opened key) without a restart.
-    until_chat(&stack, "only-second", StatusCode::OK).await;
+    until_chat(&stack, KEY, &hi("only-second"), StatusCode::OK).await;
 
     // The test call reports latency, or the error.
     let test_path = format!("/api/admin/channels/{id}/test");
@@ -260,7 +213,13 @@ async fn admin_manages_channels_and_workers_follow_without_restart() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(off["enabled"], false);
     // The model still exists (a channel lists it) but nothing serves it: 503, not 404.
-    until_chat(&stack, "only-second", StatusCode::SERVICE_UNAVAILABLE).await;
+    until_chat(
+        &stack,
+        KEY,
+        &hi("only-second"),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
     let (status, on, _) = admin(
         &stack,
         Method::POST,
@@ -270,7 +229,7 @@ async fn admin_manages_channels_and_workers_follow_without_restart() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(on["enabled"], true);
-    until_chat(&stack, "only-second", StatusCode::OK).await;
+    until_chat(&stack, KEY, &hi("only-second"), StatusCode::OK).await;
 
     // Delete.
     let (status, _, _) = admin(
@@ -297,7 +256,7 @@ async fn admin_manages_channels_and_workers_follow_without_restart() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    until_chat(&stack, "only-second", StatusCode::NOT_FOUND).await;
+    until_chat(&stack, KEY, &hi("only-second"), StatusCode::NOT_FOUND).await;
     assert_eq!(chat_status(&stack, MODEL).await, StatusCode::OK);
 
     // Every change is in the audit log, without the secret.
@@ -332,10 +291,7 @@ async fn admin_manages_channels_and_workers_follow_without_restart() {
 async fn a_ban_by_one_worker_process_is_honoured_by_another() {
     let backup = mock(MockConfig::default()).await;
     let mut stack = Stack::start(StackOptions {
-        extra_channels: format!(
-            "  - name: backup\n    type: openai\n    base_url: {}\n    models: [{MODEL}]\n    priority: 2\n",
-            backup.base_url()
-        ),
+        extra_channels: channel_yaml("backup", "openai", &backup.base_url(), MODEL, 2),
         ..StackOptions::default()
     })
     .await;
@@ -447,9 +403,8 @@ async fn two_live_workers_honour_one_ban_until_its_probe() {
     .await;
     let stack = Stack::start(StackOptions {
         extra_channels: format!(
-            "  - name: backup\n    type: openai\n    base_url: {}\n    models: [{MODEL}]\n    priority: 2\n\
-             routing:\n  ban_secs: {BAN_SECS}\n  failure_threshold: 1\n",
-            backup.base_url()
+            "{}routing:\n  ban_secs: {BAN_SECS}\n  failure_threshold: 1\n",
+            channel_yaml("backup", "openai", &backup.base_url(), MODEL, 2)
         ),
         workers: 2,
         ..StackOptions::default()
@@ -582,8 +537,12 @@ async fn a_channel_refusing_connections_fails_over_and_is_then_skipped() {
     // Bound and released at once: nothing listens there.
     let dead_port = common::free_port();
     let stack = Stack::start(StackOptions {
-        extra_channels: format!(
-            "  - name: refusing\n    type: openai\n    base_url: http://127.0.0.1:{dead_port}/v1\n    models: [{MODEL}]\n    priority: 0\n"
+        extra_channels: channel_yaml(
+            "refusing",
+            "openai",
+            &format!("http://127.0.0.1:{dead_port}/v1"),
+            MODEL,
+            0,
         ),
         ..StackOptions::default()
     })

@@ -11,23 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, parse_sse, Stack, StackOptions, KEY, MODEL};
+use common::{
+    free_port, mock_text, parse_sse, read_http_response, request_id, signal_and_wait, wait_port,
+    OwnRedis, Stack, StackOptions, KEY, MODEL,
+};
 use futures::future::join_all;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
-
-fn request_id(resp: &reqwest::Response) -> Uuid {
-    let id = resp
-        .headers()
-        .get("x-sluice-request-id")
-        .expect("request id");
-    Uuid::parse_str(id.to_str().unwrap()).unwrap()
-}
-
-fn expected_text(chunks: usize) -> String {
-    (0..chunks).map(|i| format!("tok{i} ")).collect()
-}
 
 /// How one client stream ended.
 #[derive(Debug)]
@@ -187,7 +178,7 @@ async fn worker_killed_mid_stream() {
             Outcome::Completed { content } => {
                 assert_eq!(
                     content,
-                    &expected_text(CHUNKS),
+                    &mock_text(CHUNKS),
                     "a completed answer is whole, once"
                 );
                 completed += 1;
@@ -342,8 +333,8 @@ impl OwnNats {
 
     /// SIGTERM (a clean shutdown that flushes the store), then wait for the exit.
     fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            signal_and_wait(child, "-TERM");
+        if let Some(mut child) = self.child.take() {
+            signal_and_wait(&mut child, "-TERM");
         }
     }
 }
@@ -355,30 +346,6 @@ impl Drop for OwnNats {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn signal_and_wait(mut child: Child, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(signal)
-        .arg(child.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn wait_port(port: u16, within: Duration) {
-    let deadline = Instant::now() + within;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -445,6 +412,23 @@ async fn load(
     (ok, failed)
 }
 
+/// Runs [`load`] from `clients` loops while `fault` runs, and stops it once `fault` is
+/// done: the load's answered ids and failures, and what `fault` returned.
+async fn load_during<T>(
+    stack: &Stack,
+    clients: usize,
+    fault: impl std::future::Future<Output = T>,
+) -> ((Vec<Uuid>, usize), T) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let loader = load(stack, clients, stop.clone());
+    let fault = async {
+        let out = fault.await;
+        stop.cancel();
+        out
+    };
+    tokio::join!(loader, fault)
+}
+
 /// nats-server restarted mid-load: every request answered 200 (its `CompletionFinished`
 /// acknowledged by JetStream) is in the event log afterwards, and the gateway serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,21 +439,14 @@ async fn nats_restarted_mid_load() {
         ..Default::default()
     })
     .await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let loader = {
-        let stop = stop.clone();
-        let stack = &stack;
-        async move { load(stack, 4, stop).await }
-    };
-    let fault = async {
+    let ((ok, failed), ()) = load_during(&stack, 4, async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         nats.stop();
         tokio::time::sleep(Duration::from_secs(1)).await;
         nats.run();
         tokio::time::sleep(Duration::from_secs(4)).await;
-        stop.cancel();
-    };
-    let ((ok, failed), ()) = tokio::join!(loader, fault);
+    })
+    .await;
     eprintln!(
         "nats_restarted_mid_load: {} answered, {failed} failed during the restart",
         ok.len()
@@ -628,16 +605,16 @@ impl OwnPostgres {
 
     /// SIGINT: Postgres' fast shutdown (clients are disconnected at once).
     fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            signal_and_wait(child, "-INT");
+        if let Some(mut child) = self.child.take() {
+            signal_and_wait(&mut child, "-INT");
         }
     }
 }
 
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            signal_and_wait(child, "-INT");
+        if let Some(mut child) = self.child.take() {
+            signal_and_wait(&mut child, "-INT");
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -677,19 +654,12 @@ async fn postgres_down_under_load() {
         ..Default::default()
     })
     .await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let loader = {
-        let stop = stop.clone();
-        let stack = &stack;
-        async move { load(stack, 3, stop).await }
-    };
-    let fault = async {
+    let ((ok, failed), ()) = load_during(&stack, 3, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         pg.stop();
         tokio::time::sleep(Duration::from_secs(10)).await;
-        stop.cancel();
-    };
-    let ((ok, failed), ()) = tokio::join!(loader, fault);
+    })
+    .await;
     eprintln!(
         "postgres_down_under_load: {} answered while Postgres was down, {failed} failed",
         ok.len()
@@ -725,11 +695,11 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends raw bytes (headers and as much body as given) and reads the answer until the
-/// server closes or `Content-Length` is satisfied. `None`: the server closed without one.
 /// One hostile request in flight: its status and body, or `None` when the connection dropped.
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Option<(u16, String)>> + Send>>;
 
+/// Sends raw bytes (headers and as much body as given) and reads the answer until the
+/// server closes or `Content-Length` is satisfied. `None`: the server closed without one.
 async fn raw(addr: &str, bytes: &[u8]) -> Option<(u16, String)> {
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     // The server may answer (and close) before everything was written.
@@ -760,41 +730,18 @@ async fn chunked_upload(addr: &str, mb: usize) -> Option<(u16, String)> {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut answer)).await;
     upload.abort();
-    let text = String::from_utf8_lossy(&answer).to_string();
+    status_and_body(&String::from_utf8_lossy(&answer))
+}
+
+/// The status and body of a raw HTTP response; `None` without a whole head.
+fn status_and_body(text: &str) -> Option<(u16, String)> {
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_owned()))
 }
 
 async fn read_answer(sock: &mut tokio::net::TcpStream) -> Option<(u16, String)> {
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let text = String::from_utf8_lossy(&answer).to_string();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .and_then(|v| v.parse::<usize>().ok());
-            if len.is_some_and(|n| body.len() >= n) {
-                let status = head.split_whitespace().nth(1)?.parse().ok()?;
-                return Some((status, body.to_owned()));
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(30), sock.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
-            _ => {
-                let text = String::from_utf8_lossy(&answer).to_string();
-                let (head, body) = text.split_once("\r\n\r\n")?;
-                let status = head.split_whitespace().nth(1)?.parse().ok()?;
-                return Some((status, body.to_owned()));
-            }
-        }
-    }
+    status_and_body(&read_http_response(sock, Duration::from_secs(30)).await)
 }
 
 /// 500 hostile requests: none gets a 5xx, every answer is a JSON error, nothing reaches the
@@ -1129,7 +1076,7 @@ async fn sigterm_drains_in_flight_streams() {
     );
     for call in join_all(calls).await {
         match call.unwrap() {
-            Outcome::Completed { content } => assert_eq!(content, expected_text(10)),
+            Outcome::Completed { content } => assert_eq!(content, mock_text(10)),
             other => panic!("a stream in flight at SIGTERM completes: {other:?}"),
         }
     }
@@ -1149,30 +1096,16 @@ async fn sigterm_drains_in_flight_streams() {
 
 /// Redis stopped mid-run: rate limits fail open (requests keep flowing, each counted in
 /// `sluice_rate_limit_fail_open_total` and warned about once) rather than turning a cache
-/// outage into a full outage; with Redis back they apply again.
+/// outage into a full outage; the key's quota is checked against its projected balance
+/// alone (no holds; counted in `sluice_quota_holds_unavailable_total`); with Redis back
+/// the limits apply again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_open() {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("sluice-faults-redis-{}", Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let redis = |dir: &Path| {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/deps)");
-        wait_port(port, Duration::from_secs(10));
-        child
-    };
-    let server = redis(&dir);
+    let mut redis = OwnRedis::start();
     let stack = Stack::start(StackOptions {
         key_rpm: Some(3),
-        env: vec![("SLUICE_REDIS_URL", format!("redis://127.0.0.1:{port}"))],
+        key_quota: Some("5.00".to_owned()),
+        env: vec![("SLUICE_REDIS_URL", redis.url())],
         ..Default::default()
     })
     .await;
@@ -1200,9 +1133,34 @@ async fn redis_down_fails_open() {
         [200, 200, 200, 429],
         "the limit applies with Redis up"
     );
-    signal_and_wait(server, "-TERM");
+    redis.stop();
     assert_eq!(send(5).await, [200; 5], "Redis down: limits fail open");
-    let server = redis(&dir);
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        counter("sluice_rate_limit_fail_open_total") >= 5.0,
+        "every request let through unchecked is counted:\n{metrics}"
+    );
+    assert!(
+        counter("sluice_quota_holds_unavailable_total") >= 5.0,
+        "and every quota admitted without a hold:\n{metrics}"
+    );
+    redis.run();
     // The manager reconnects on its own; the window's counters died with Redis, so the
     // limit starts afresh and refuses again once 3 requests are counted.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1216,7 +1174,176 @@ async fn redis_down_fails_open() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    signal_and_wait(server, "-TERM");
-    let _ = std::fs::remove_dir_all(&dir);
+    redis.stop();
+    stack.stop().await;
+}
+
+/// A role process taken out of the stack: killed if the test ends before it is reaped.
+struct Owned(Option<Child>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// SIGTERM to the journal and both projectors mid-load: each commits its batch and exits
+/// 0, requests keep flowing without them, and once restarted they pick up where they
+/// stopped: every event once in the log, every request billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_and_projectors_exit_cleanly_on_sigterm() {
+    let mut stack = Stack::start(StackOptions::default()).await;
+    let roles: Vec<(&'static str, Owned)> = ["journal", "billing", "projector"]
+        .into_iter()
+        .map(|r| (r, Owned(stack.roles.remove(r))))
+        .collect();
+    let ((ok, failed), statuses) = load_during(&stack, 4, async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let statuses: Vec<(&str, std::process::ExitStatus)> =
+            join_all(roles.into_iter().map(|(r, mut c)| async move {
+                let status = tokio::task::spawn_blocking(move || {
+                    signal_and_wait(c.0.as_mut().unwrap(), "-TERM")
+                });
+                (r, status.await.unwrap())
+            }))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        statuses
+    })
+    .await;
+    for (role, status) in statuses {
+        assert!(
+            status.success(),
+            "{role} exits cleanly on SIGTERM: {status}"
+        );
+    }
+    assert_eq!(
+        failed, 0,
+        "requests flow while the journal and projectors are down"
+    );
+    assert!(!ok.is_empty());
+    for role in ["journal", "billing", "projector"] {
+        stack.spawn(role);
+    }
+    stack
+        .wait_projected("CompletionFinished", ok.len() as i64)
+        .await;
+    let ids: HashSet<Uuid> = ok.iter().copied().collect();
+    assert_eq!(ids.len(), ok.len());
+    assert_eq!(
+        count(
+            &stack.pool,
+            "SELECT count(*) - count(DISTINCT event_id) FROM event_log"
+        )
+        .await,
+        0,
+        "no event twice"
+    );
+    let (min, max, n): (i64, i64, i64) =
+        sqlx::query_as("SELECT min(position), max(position), count(*) FROM event_log")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(max - min + 1, n, "no gap in the log");
+    assert_billed_once(&stack, &ids).await;
+    stack.stop().await;
+}
+
+/// Backpressure: with no worker taking requests and `SLUICE_MAX_QUEUE_DEPTH=3`, requests
+/// queue until more than 3 wait; then new ones are refused at once with 503 and
+/// `Retry-After` (529 on the Anthropic surface), in the API's error shape, and never reach
+/// the queue. Once a worker is back the queued ones are answered and new ones admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_over_its_limit_is_shed_with_503_and_retry_after() {
+    let mut stack = Stack::start(StackOptions {
+        env: vec![("SLUICE_MAX_QUEUE_DEPTH", "3".to_owned())],
+        ..Default::default()
+    })
+    .await;
+    stack.terminate("worker");
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "mock": {"chunks": 2}});
+    let mut waiting = Vec::new();
+    let mut refused = None;
+    for _ in 0..20 {
+        let req = stack.chat(body.clone());
+        let mut call = tokio::spawn(async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: Value = resp.json().await.unwrap();
+            (status, retry_after, body)
+        });
+        // The depth is read every 100 ms, off the request path.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        match tokio::time::timeout(Duration::from_millis(10), &mut call).await {
+            Ok(answered) => {
+                refused = Some(answered.unwrap());
+                break;
+            }
+            Err(_) => waiting.push(call),
+        }
+    }
+    let (status, retry_after, err) =
+        refused.expect("a request is refused once the queue is over its limit");
+    assert!(
+        waiting.len() > 3,
+        "{} queued before shedding",
+        waiting.len()
+    );
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(err["error"]["code"], "overloaded", "{err}");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("overloaded"));
+    let anthropic = stack
+        .http
+        .post(format!("{}/v1/messages", stack.base))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anthropic.status(), 529);
+    assert!(anthropic.headers().contains_key("retry-after"));
+    let err: Value = anthropic.json().await.unwrap();
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["error"]["type"], "overloaded_error", "{err}");
+
+    stack.spawn("worker");
+    let queued = waiting.len();
+    for call in waiting {
+        let (status, _, body) = call.await.unwrap();
+        assert_eq!(
+            status, 200,
+            "a queued request is answered once a worker is back: {body}"
+        );
+    }
+    assert_eq!(
+        stack.mock.stats().requests_total as usize,
+        queued,
+        "the refused requests never reached the queue"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = stack.chat(body.clone()).send().await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert_eq!(resp.status(), 503);
+        assert!(
+            Instant::now() < deadline,
+            "admitted again once the queue drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stack.stop().await;
 }

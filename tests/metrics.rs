@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{free_port, Stack, StackOptions, MODEL};
+use common::{channel_yaml, free_port, Stack, StackOptions, MODEL};
 use serde_json::json;
 
 /// One sample: metric name, labels, value.
@@ -106,8 +106,12 @@ async fn metrics_after_traffic_have_the_right_labels() {
     let dead = free_port();
     let mut stack = Stack::start(StackOptions {
         workers: 0,
-        extra_channels: format!(
-            "  - name: dead\n    type: openai\n    base_url: http://127.0.0.1:{dead}/v1\n    models: [{MODEL}]\n    priority: 0\n"
+        extra_channels: channel_yaml(
+            "dead",
+            "openai",
+            &format!("http://127.0.0.1:{dead}/v1"),
+            MODEL,
+            0,
         ),
         ..Default::default()
     })

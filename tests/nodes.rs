@@ -10,22 +10,21 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{parse_sse, sluice_bin, Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL, NATS_URL};
+use common::{
+    call, mock, model_ids, parse_sse, request_id, sluice_bin, Stack, StackOptions, ADMIN_TOKEN,
+    KEY, MODEL, NATS_URL,
+};
 use futures::StreamExt;
 use mock_upstream::{MockConfig, MockUpstream};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 /// A model only nodes serve, and what node A's provider calls it.
 const NODE_MODEL: &str = "llama-3.1-8b";
 const LOCAL_MODEL: &str = "llama3.1:8b";
-
-async fn mock(config: MockConfig) -> MockUpstream {
-    MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
-}
+/// A model only node A serves: listed while A heartbeats, gone once A is killed.
+const A_ONLY_MODEL: &str = "phi-a-only";
 
 /// Starts `sluice node` with a generated node.yaml: one provider per `(mock, local,
 /// served)` entry.
@@ -55,15 +54,15 @@ fn spawn_node(stack: &Stack, name: &str, providers: &[(&MockUpstream, &str, &str
 }
 
 async fn admin_nodes(stack: &Stack) -> Vec<Value> {
-    let resp = stack
-        .http
-        .get(format!("{}/api/admin/nodes", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
+    let (status, body, text) = call(
+        stack,
+        Method::GET,
+        "/api/admin/nodes",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
     body["data"].as_array().unwrap().clone()
 }
 
@@ -92,33 +91,6 @@ async fn until_nodes(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn models(stack: &Stack) -> Vec<String> {
-    let body: Value = stack
-        .http
-        .get(format!("{}/v1/models", stack.base))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn request_id(resp: &reqwest::Response) -> Uuid {
-    let id = resp
-        .headers()
-        .get("x-sluice-request-id")
-        .expect("request id");
-    Uuid::parse_str(id.to_str().unwrap()).unwrap()
 }
 
 fn text_of_stream(events: &[(Option<u64>, String)]) -> String {
@@ -187,6 +159,7 @@ async fn nodes_attach_serve_and_fail_over_when_killed() {
         &[
             (&mock_a, LOCAL_MODEL, NODE_MODEL),
             (&mock_a_main, "gpt-local", MODEL),
+            (&mock_a, "phi-local", A_ONLY_MODEL),
         ],
     );
     let price = stack
@@ -214,40 +187,42 @@ async fn nodes_attach_serve_and_fail_over_when_killed() {
     assert_eq!(a["channel"], "node:node-a");
     assert_eq!(a["max_parallel"], 4);
     assert_eq!(a["health"]["status"], "healthy");
+    // Load: nothing runs on an idle node.
+    assert_eq!(a["in_flight"], 0, "{a}");
+    assert_eq!(a["load"], 0.0, "{a}");
+    assert_eq!(a["health"]["routed_in_flight"], 0, "{a}");
     let served: Vec<(&str, &str)> = a["models"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| (m["name"].as_str().unwrap(), m["upstream"].as_str().unwrap()))
         .collect();
-    assert_eq!(served, [(MODEL, "gpt-local"), (NODE_MODEL, LOCAL_MODEL)]);
+    assert_eq!(
+        served,
+        [
+            (MODEL, "gpt-local"),
+            (NODE_MODEL, LOCAL_MODEL),
+            (A_ONLY_MODEL, "phi-local")
+        ]
+    );
     for (bearer, want) in [
         (None, StatusCode::UNAUTHORIZED),
         (Some(KEY), StatusCode::FORBIDDEN),
     ] {
-        let mut req = stack.http.get(format!("{}/api/admin/nodes", stack.base));
-        if let Some(b) = bearer {
-            req = req.bearer_auth(b);
-        }
-        assert_eq!(req.send().await.unwrap().status(), want);
+        let (status, _, _) = call(&stack, Method::GET, "/api/admin/nodes", bearer, None).await;
+        assert_eq!(status, want);
     }
-    let one = stack
-        .http
-        .get(format!("{}/api/admin/nodes/{a_id}", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(one.status(), StatusCode::OK);
-    let missing = stack
-        .http
-        .get(format!("{}/api/admin/nodes/{}", stack.base, Uuid::now_v7()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    assert!(models(&stack).await.contains(&NODE_MODEL.to_owned()));
+    for (id, want) in [
+        (a_id.clone(), StatusCode::OK),
+        (Uuid::now_v7().to_string(), StatusCode::NOT_FOUND),
+    ] {
+        let path = format!("/api/admin/nodes/{id}");
+        let (status, _, text) = call(&stack, Method::GET, &path, Some(ADMIN_TOKEN), None).await;
+        assert_eq!(status, want, "{path}: {text}");
+    }
+    let listed = model_ids(&stack, KEY).await;
+    assert!(listed.contains(&NODE_MODEL.to_owned()), "{listed:?}");
+    assert!(listed.contains(&A_ONLY_MODEL.to_owned()), "{listed:?}");
 
     // Served through the node, plain and streamed. The worker learns of the node from the
     // same bucket as the ingress, within milliseconds; allow for it.
@@ -391,6 +366,25 @@ async fn nodes_attach_serve_and_fail_over_when_killed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The admin list shows the load: three calls on node A (of its 4), as the node reports
+    // it in its heartbeat and as the workers that routed them count them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes = admin_nodes(&stack).await;
+        let a = nodes
+            .iter()
+            .find(|n| n["name"] == "node-a")
+            .expect("node-a");
+        if a["in_flight"] == 3 && a["load"] == 0.75 && a["health"]["routed_in_flight"] == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node A's three calls are not shown as its load: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // A second node serving the node-only model, then node A dies without a word.
     let mock_b = mock(MockConfig::default()).await;
     let mut node_b = spawn_node(&stack, "node-b", &[(&mock_b, "llama-b", NODE_MODEL)]);
@@ -411,6 +405,27 @@ async fn nodes_attach_serve_and_fail_over_when_killed() {
         gone_after < Duration::from_secs(8),
         "dropped after {gone_after:?}"
     );
+    // Its heartbeats stopped: the model only it served leaves /v1/models (the ingress
+    // follows the same bucket as the admin list); the one node B serves stays.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = model_ids(&stack, KEY).await;
+        assert!(listed.contains(&NODE_MODEL.to_owned()), "{listed:?}");
+        if !listed.contains(&A_ONLY_MODEL.to_owned()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{A_ONLY_MODEL} still listed after node A died: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, text) = chat(
+        &stack,
+        json!({"model": A_ONLY_MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
 
     // The started stream ends with an error event (not [DONE]), without repeated chunks;
     // one RequestFailed bills what was generated.
@@ -515,7 +530,9 @@ async fn nodes_attach_serve_and_fail_over_when_killed() {
         "left after {left_after:?}"
     );
     assert!(node_b.wait().unwrap().success(), "clean exit");
-    assert!(!models(&stack).await.contains(&NODE_MODEL.to_owned()));
+    assert!(!model_ids(&stack, KEY)
+        .await
+        .contains(&NODE_MODEL.to_owned()));
     let (status, _, _) = chat(
         &stack,
         json!({"model": NODE_MODEL, "messages": [{"role": "user", "content": "hi"}]}),

@@ -9,8 +9,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
-use mock_upstream::{MockConfig, MockUpstream};
+use common::{
+    call, chat_as, grant_credit, mock, model_ids, register, until_chat, Stack, StackOptions,
+    ADMIN_TOKEN, KEY, MODEL,
+};
+use mock_upstream::MockConfig;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -20,53 +23,6 @@ const BOB_PROVIDER_KEY: &str = "sk-bob-own-provider-key-0123456789";
 const PRIVATE_MODEL: &str = "alice-private";
 /// Served only by Bob's channel.
 const BOB_MODEL: &str = "bob-only";
-
-async fn call(
-    stack: &Stack,
-    method: Method,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, Value, String) {
-    let mut req = stack.http.request(method, format!("{}{path}", stack.base));
-    if let Some(b) = bearer {
-        req = req.bearer_auth(b);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
-}
-
-async fn mock(config: MockConfig) -> MockUpstream {
-    MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
-}
-
-/// Registers a user; returns their session token and id.
-async fn register(stack: &Stack, name: &str) -> (String, String) {
-    let (status, body, text) = call(
-        stack,
-        Method::POST,
-        "/api/auth/register",
-        None,
-        Some(json!({"name": name, "email": format!("{name}@example.com"), "password": format!("{name}-password-1")})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{text}");
-    (
-        body["token"].as_str().unwrap().to_owned(),
-        body["user"]["id"].as_str().unwrap().to_owned(),
-    )
-}
 
 /// Creates an API key for the user and grants it credit (a user's requests are billed
 /// whichever channel serves them); returns the key once it is usable.
@@ -80,64 +36,28 @@ async fn funded_key(stack: &Stack, jwt: &str) -> String {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{text}");
-    let (status, _, text) = call(
-        stack,
-        Method::POST,
-        "/api/admin/credits",
-        Some(ADMIN_TOKEN),
-        Some(json!({"key_id": key["id"], "amount": "1.00"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    grant_credit(stack, json!({"key_id": key["id"], "amount": "1.00"})).await;
     let key = key["key"].as_str().unwrap().to_owned();
-    until_chat(stack, &key, MODEL, StatusCode::OK).await;
+    until_chat(stack, &key, &hi(MODEL), StatusCode::OK).await;
     key
 }
 
-async fn chat(stack: &Stack, key: &str, model: &str) -> (StatusCode, Value) {
-    let resp = stack
-        .http
-        .post(format!("{}/v1/chat/completions", stack.base))
-        .bearer_auth(key)
-        .json(&json!({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
+/// "hi" to `model`, 5 tokens at most.
+fn hi(model: &str) -> Value {
+    json!({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
 }
 
-/// Polls until a chat answers `want`: workers reload channels every 2 s and credit
-/// reaches keys once projected. Fails after 30 s.
-async fn until_chat(stack: &Stack, key: &str, model: &str, want: StatusCode) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (got, body) = chat(stack, key, model).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chat for {model} still answers {got} ({body}), not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn model_ids(stack: &Stack, key: &str) -> Vec<String> {
-    let (status, list, text) = call(stack, Method::GET, "/v1/models", Some(key), None).await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect()
-}
+/// Lets personal channels call the local mock upstreams these tests run (a deployment
+/// refuses loopback and private addresses for them by default).
+const ALLOW_PRIVATE: (&str, &str) = ("SLUICE_PERSONAL_CHANNELS_ALLOW_PRIVATE", "true");
 
 #[tokio::test]
 async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
-    let stack = Stack::start(StackOptions::default()).await;
+    let stack = Stack::start(StackOptions {
+        env: vec![(ALLOW_PRIVATE.0, ALLOW_PRIVATE.1.to_owned())],
+        ..StackOptions::default()
+    })
+    .await;
     let alice_up = mock(MockConfig {
         require_key: Some(ALICE_PROVIDER_KEY.to_owned()),
         ..MockConfig::default()
@@ -149,8 +69,8 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
         ..MockConfig::default()
     })
     .await;
-    let (alice_jwt, alice_id) = register(&stack, "alice").await;
-    let (bob_jwt, _bob_id) = register(&stack, "bob").await;
+    let (alice_jwt, alice_id) = register(&stack, "alice", "alice-password-1").await;
+    let (bob_jwt, _bob_id) = register(&stack, "bob", "bob-password-1").await;
     let alice_key = funded_key(&stack, &alice_jwt).await;
     let bob_key = funded_key(&stack, &bob_jwt).await;
     let alice_channel = json!({
@@ -354,14 +274,14 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
 
     // The owner's requests for the private model reach their channel, mapped, with their
     // own provider key (the mock refuses any other).
-    until_chat(&stack, &alice_key, PRIVATE_MODEL, StatusCode::OK).await;
+    until_chat(&stack, &alice_key, &hi(PRIVATE_MODEL), StatusCode::OK).await;
     assert_eq!(
         alice_up.last_body("upstream-private").unwrap()["model"],
         "upstream-private"
     );
     // Anyone else asking for it is told the model does not exist, in their API's shape.
     for key in [bob_key.as_str(), KEY] {
-        let (status, err) = chat(&stack, key, PRIVATE_MODEL).await;
+        let (status, err) = chat_as(&stack, key, &hi(PRIVATE_MODEL)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
         assert_eq!(err["error"]["code"], "model_not_found", "{err}");
         let resp = stack
@@ -378,9 +298,9 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
         assert_eq!(err["type"], "error", "{err}");
         assert_eq!(err["error"]["type"], "not_found_error", "{err}");
     }
-    let (status, _) = chat(&stack, &alice_key, BOB_MODEL).await;
+    let (status, _) = chat_as(&stack, &alice_key, &hi(BOB_MODEL)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    until_chat(&stack, &bob_key, BOB_MODEL, StatusCode::OK).await;
+    until_chat(&stack, &bob_key, &hi(BOB_MODEL), StatusCode::OK).await;
 
     // A model both serve: the owner's own channel goes first, everyone else's requests go
     // to the shared channel only.
@@ -389,13 +309,16 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
         stack.mock.stats().requests_total,
     );
     for _ in 0..5 {
-        assert_eq!(chat(&stack, &alice_key, MODEL).await.0, StatusCode::OK);
+        assert_eq!(
+            chat_as(&stack, &alice_key, &hi(MODEL)).await.0,
+            StatusCode::OK
+        );
     }
     assert_eq!(alice_up.stats().requests_total, alice_before + 5);
     assert_eq!(stack.mock.stats().requests_total, shared_before);
     for key in [bob_key.as_str(), KEY] {
         for _ in 0..3 {
-            assert_eq!(chat(&stack, key, MODEL).await.0, StatusCode::OK);
+            assert_eq!(chat_as(&stack, key, &hi(MODEL)).await.0, StatusCode::OK);
         }
     }
     assert_eq!(alice_up.stats().requests_total, alice_before + 5);
@@ -441,7 +364,7 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
     until_chat(
         &stack,
         &alice_key,
-        PRIVATE_MODEL,
+        &hi(PRIVATE_MODEL),
         StatusCode::SERVICE_UNAVAILABLE,
     )
     .await;
@@ -449,7 +372,7 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
         .await
         .contains(&PRIVATE_MODEL.to_owned()));
     assert_eq!(
-        chat(&stack, &bob_key, PRIVATE_MODEL).await.0,
+        chat_as(&stack, &bob_key, &hi(PRIVATE_MODEL)).await.0,
         StatusCode::NOT_FOUND
     );
     // Workers drop it within their 2 s reload: poll until the shared channel answers her,
@@ -461,12 +384,18 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
             Instant::now() < deadline,
             "the disabled channel still takes her traffic"
         );
-        assert_eq!(chat(&stack, &alice_key, MODEL).await.0, StatusCode::OK);
+        assert_eq!(
+            chat_as(&stack, &alice_key, &hi(MODEL)).await.0,
+            StatusCode::OK
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let alice_after_disable = alice_up.stats().requests_total;
     for _ in 0..3 {
-        assert_eq!(chat(&stack, &alice_key, MODEL).await.0, StatusCode::OK);
+        assert_eq!(
+            chat_as(&stack, &alice_key, &hi(MODEL)).await.0,
+            StatusCode::OK
+        );
     }
     assert_eq!(alice_up.stats().requests_total, alice_after_disable);
     let (status, _, _) = call(
@@ -478,7 +407,7 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    until_chat(&stack, &alice_key, PRIVATE_MODEL, StatusCode::OK).await;
+    until_chat(&stack, &alice_key, &hi(PRIVATE_MODEL), StatusCode::OK).await;
 
     // Delete: gone for the owner too, and so is its model.
     let (status, _, _) = call(
@@ -499,7 +428,7 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, err) = chat(&stack, &alice_key, PRIVATE_MODEL).await;
+    let (status, err) = chat_as(&stack, &alice_key, &hi(PRIVATE_MODEL)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
     assert_eq!(err["error"]["code"], "model_not_found");
 
@@ -532,5 +461,184 @@ async fn personal_channels_serve_only_their_owner_ahead_of_shared_ones() {
         assert_eq!(metadata["user_id"], json!(alice_id), "{metadata}");
         assert!(!data.to_string().contains(ALICE_PROVIDER_KEY));
     }
+    stack.stop().await;
+}
+
+/// A user's `base_url` is called from inside the deployment, so by default a personal
+/// channel may only call public addresses: creating or re-pointing one at loopback,
+/// private, link-local or unspecified addresses is a 400 naming `base_url`, and a channel
+/// that points there anyway (created while the operator allowed it, or a name whose DNS
+/// changed) is refused by the workers and the test call at call time, without a
+/// connection. Shared channels are the operator's and are not restricted.
+#[tokio::test]
+async fn personal_channels_may_not_call_private_addresses() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (alice_jwt, alice_id) = register(&stack, "alice", "alice-password-1").await;
+    let alice_key = funded_key(&stack, &alice_jwt).await;
+    let channel = |base_url: Option<&str>, channel_type: &str| {
+        let mut c = json!({"name": "mine", "type": channel_type, "models": [PRIVATE_MODEL]});
+        if let Some(url) = base_url {
+            c["base_url"] = json!(url);
+        }
+        c
+    };
+
+    for (base_url, channel_type) in [
+        (Some("http://127.0.0.1:5432/v1"), "openai"),
+        (Some("http://169.254.169.254/latest/meta-data"), "openai"),
+        (Some("http://10.0.0.7/v1"), "openai"),
+        (Some("http://192.168.1.20:8000/v1"), "vllm"),
+        (Some("http://[::1]:8080/v1"), "openai"),
+        (Some("http://[::ffff:127.0.0.1]/v1"), "openai"),
+        (Some("http://0.0.0.0:11434/v1"), "openai"),
+        (Some("http://2130706433/v1"), "openai"),
+        // A name is judged by what it resolves to.
+        (Some("http://localhost:11434/v1"), "ollama"),
+        // No base_url: the preset's default, loopback for Ollama.
+        (None, "ollama"),
+    ] {
+        let (status, err, text) = call(
+            &stack,
+            Method::POST,
+            "/api/channels",
+            Some(&alice_jwt),
+            Some(channel(base_url, channel_type)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{base_url:?}: {text}");
+        assert_eq!(err["error"]["param"], "base_url", "{text}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains("public addresses"), "{message}");
+    }
+
+    // A public address is accepted (nothing is called at creation); re-pointing it at a
+    // private one is refused, while changes that keep the address are not checked again.
+    let (status, created, text) = call(
+        &stack,
+        Method::POST,
+        "/api/channels",
+        Some(&alice_jwt),
+        Some(channel(Some("https://203.0.113.10/v1"), "openai")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let public_ch = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/channels/{public_ch}");
+    let (status, err, text) = call(
+        &stack,
+        Method::PATCH,
+        &path,
+        Some(&alice_jwt),
+        Some(json!({"base_url": "http://127.0.0.1:9/v1"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert_eq!(err["error"]["param"], "base_url", "{text}");
+    let (status, _, text) = call(
+        &stack,
+        Method::PATCH,
+        &path,
+        Some(&alice_jwt),
+        Some(json!({"name": "renamed", "enabled": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+
+    // Shared channels may point anywhere: the operator runs them.
+    let (status, _, text) = call(
+        &stack,
+        Method::POST,
+        "/api/admin/channels",
+        Some(ADMIN_TOKEN),
+        Some(
+            json!({"name": "lan-vllm", "type": "vllm", "models": ["lan-model"],
+                    "base_url": "http://10.0.0.7:8000/v1"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+
+    // Channels that point at loopback anyway, written past the API: a literal IP, and a
+    // name that resolves to loopback. Alice's requests try them first (her own channels
+    // go before shared ones), and neither upstream is ever reached: her requests are
+    // served by the shared channel.
+    let literal_up = mock(MockConfig::default()).await;
+    let named_up = mock(MockConfig::default()).await;
+    let mut ids = Vec::new();
+    for (name, base_url) in [
+        ("literal", literal_up.base_url()),
+        (
+            "named",
+            named_up.base_url().replace("127.0.0.1", "localhost"),
+        ),
+    ] {
+        let id = uuid::Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO channels (id, name, channel_type, base_url, models, source, owner_user_id) \
+             VALUES ($1, $2, 'openai', $3, $4, 'user', $5)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(&base_url)
+        .bind(vec![MODEL.to_owned()])
+        .bind(uuid::Uuid::parse_str(&alice_id).unwrap())
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let failed_on = |id: uuid::Uuid| {
+        let pool = stack.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT data->>'kind' FROM event_log WHERE type = 'AttemptFailed' \
+                 AND data->>'channel_id' = $1 ORDER BY position LIMIT 1",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // Until the workers reloaded their channels and tried both (the journal records it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kinds = loop {
+        let (status, body) = chat_as(&stack, &alice_key, &hi(MODEL)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if let (Some(literal), Some(named)) = (failed_on(ids[0]).await, failed_on(ids[1]).await) {
+            break (literal, named);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers never tried alice's loopback channels"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The literal IP is refused before any I/O (a channel configuration problem); the name
+    // fails to resolve to any address the worker may call.
+    assert_eq!(kinds.0, "internal");
+    assert_eq!(kinds.1, "connection");
+    assert_eq!(literal_up.stats().requests_total, 0);
+    assert_eq!(named_up.stats().requests_total, 0);
+
+    // The owner's test call is refused the same way.
+    let (status, report, text) = call(
+        &stack,
+        Method::POST,
+        &format!("/api/channels/{}/test", ids[0]),
+        Some(&alice_jwt),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(report["ok"], false, "{text}");
+    assert!(
+        report["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("public addresses"),
+        "{text}"
+    );
+    assert_eq!(literal_up.stats().requests_total, 0);
     stack.stop().await;
 }

@@ -5,24 +5,15 @@
 
 mod common;
 
-use common::{parse_sse, Stack, StackOptions, KEY, MODEL};
+use common::{
+    channel_yaml, mock, mock_text, parse_sse, read_http_response, request_id, Stack, StackOptions,
+    KEY, MODEL,
+};
 use futures::future::join_all;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::str::FromStr;
-
-fn expected_text(chunks: usize) -> String {
-    (0..chunks).map(|i| format!("tok{i} ")).collect()
-}
-
-fn request_id(resp: &reqwest::Response) -> uuid::Uuid {
-    let id = resp
-        .headers()
-        .get("x-sluice-request-id")
-        .expect("x-sluice-request-id header");
-    uuid::Uuid::parse_str(id.to_str().unwrap()).expect("request id is a uuid")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_and_plain_requests_cross_the_pipeline() {
@@ -39,7 +30,7 @@ async fn stream_and_plain_requests_cross_the_pipeline() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], MODEL);
-    assert_eq!(body["choices"][0]["message"]["content"], expected_text(20));
+    assert_eq!(body["choices"][0]["message"]["content"], mock_text(20));
     assert_eq!(body["usage"]["completion_tokens"], 20);
 
     // Streaming without include_usage: chunks in order, ids increasing, no usage chunk.
@@ -71,7 +62,7 @@ async fn stream_and_plain_requests_cross_the_pipeline() {
             content.push_str(c);
         }
     }
-    assert_eq!(content, expected_text(20));
+    assert_eq!(content, mock_text(20));
 
     // Streaming with include_usage: the final chunk carries usage and no choices.
     let resp = stack
@@ -381,7 +372,7 @@ async fn bad_input_gets_openai_shaped_4xx() {
     // the body. A raw socket sends only the headers, so the client cannot race the server
     // closing the connection while a 5 MB body is still being written.
     {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let addr = stack.base.trim_start_matches("http://").to_owned();
         let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let head = format!(
@@ -391,31 +382,7 @@ async fn bad_input_gets_openai_shaped_4xx() {
         );
         sock.write_all(head.as_bytes()).await.unwrap();
         // Read until the whole response is in: the server need not close the socket.
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let text = String::from_utf8_lossy(&answer).to_string();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_owned())
-                    })
-                    .and_then(|v| v.parse::<usize>().ok());
-                if len.is_some_and(|n| body.len() >= n) {
-                    break;
-                }
-            }
-            match tokio::time::timeout(std::time::Duration::from_secs(10), sock.read(&mut buf))
-                .await
-            {
-                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
-                _ => break,
-            }
-        }
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = read_http_response(&mut sock, std::time::Duration::from_secs(10)).await;
         assert!(
             answer.starts_with("HTTP/1.1 413"),
             "oversize body: {answer}"
@@ -496,9 +463,9 @@ print(status)
         String::from_utf8_lossy(&out.stderr)
     );
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0].trim_end(), expected_text(20).trim_end());
+    assert_eq!(lines[0].trim_end(), mock_text(20).trim_end());
     assert_eq!(lines[1], "20");
-    assert_eq!(lines[2].trim_end(), expected_text(20).trim_end());
+    assert_eq!(lines[2].trim_end(), mock_text(20).trim_end());
     assert_eq!(lines[3], "404");
     stack.stop().await;
 }
@@ -507,14 +474,8 @@ print(status)
 /// the client; the client never notices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_channel_fails_over_before_the_first_byte() {
-    let backup =
-        mock_upstream::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
-            .await
-            .unwrap();
-    let extra = format!(
-        "  - name: mock-backup\n    type: openai\n    base_url: {}\n    models: [{MODEL}]\n    priority: 2\n",
-        backup.base_url()
-    );
+    let backup = mock(Default::default()).await;
+    let extra = channel_yaml("mock-backup", "openai", &backup.base_url(), MODEL, 2);
     let mock = mock_upstream::MockConfig {
         fail_status: Some(500),
         ..Default::default()

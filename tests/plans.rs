@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
+use common::{
+    admin_key, admin_user, call, channel_yaml, chat_as, hello, mock, until_prices, Stack,
+    StackOptions, ADMIN_TOKEN, MODEL,
+};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -18,67 +21,25 @@ const OTHER: &str = "gpt-other";
 
 /// A stack with a second model, `gpt-other`, on a second mock (returned, to keep it up).
 async fn stack() -> (Stack, mock_upstream::MockUpstream) {
-    let other =
-        mock_upstream::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
-            .await
-            .unwrap();
-    let extra = format!(
-        "  - name: mock-other\n    type: openai\n    base_url: {}\n    models: [{OTHER}]\n    priority: 1\n",
-        other.base_url()
-    );
+    let other = mock(Default::default()).await;
     let stack = Stack::start(StackOptions {
-        extra_channels: extra,
+        extra_channels: channel_yaml("mock-other", "openai", &other.base_url(), OTHER, 1),
         ..Default::default()
     })
     .await;
     (stack, other)
 }
 
-async fn call(
-    stack: &Stack,
-    method: Method,
-    path: &str,
-    bearer: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value, String) {
-    let mut req = stack
-        .http
-        .request(method, format!("{}{path}", stack.base))
-        .bearer_auth(bearer);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
-}
-
-/// "hello there" with `max_tokens` 10: the mock reports 5 prompt and 10 completion tokens
-/// (6,750 nanos at $0.15 / $0.60 per million); tiktoken estimates 9 prompt tokens, so the
-/// quota estimate is 7,350 nanos.
-fn chat(model: &str) -> Value {
-    json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]})
-}
+/// What [`hello`]`(model, 10)` costs: 5 prompt and 10 completion tokens (6,750 nanos at
+/// $0.15 / $0.60 per million); tiktoken estimates 9 prompt tokens, so the quota estimate
+/// is 7,350 nanos.
 const COST: i64 = 5 * 150 + 10 * 600;
 /// `gpt-other` at $1 and $2 per million: 5,000 + 20,000.
 const OTHER_COST: i64 = 5 * 1_000 + 10 * 2_000;
 
+/// A chat for `model` with `key`, 10 tokens at most (see [`COST`]).
 async fn send(stack: &Stack, key: &str, model: &str) -> (StatusCode, Value) {
-    let resp = stack
-        .http
-        .post(format!("{}/v1/chat/completions", stack.base))
-        .bearer_auth(key)
-        .json(&chat(model))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    chat_as(stack, key, &hello(model, 10)).await
 }
 
 /// Sets `gpt-other`'s price and waits until this ingress estimates with it.
@@ -87,7 +48,7 @@ async fn price_other(stack: &Stack) {
         stack,
         Method::PUT,
         "/api/admin/prices",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(
             json!({"model": OTHER, "input_per_mtok": "1", "output_per_mtok": "2",
                     "effective_at": "2020-01-01T00:00:00Z"}),
@@ -95,45 +56,16 @@ async fn price_other(stack: &Stack) {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{text}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, prices, _) = call(stack, Method::GET, "/api/prices", KEY, None).await;
-        let known = prices["data"].as_array().map_or(0, |d| d.len());
-        if known >= 2 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "prices never reached the ingress"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_prices(stack, 2).await;
 }
 
 /// A user made by an admin, and a key of theirs (made by the admin, with `key` settings).
 async fn user_with_key(stack: &Stack, name: &str, key: Value) -> (String, String, String) {
-    let (status, user, text) = call(
-        stack,
-        Method::POST,
-        "/api/admin/users",
-        ADMIN_TOKEN,
-        Some(json!({"name": name})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{text}");
-    let user_id = user["id"].as_str().unwrap().to_owned();
+    let user_id = admin_user(stack, name).await;
     let mut body = key;
     body["user_id"] = json!(user_id);
     body["name"] = json!(format!("{name}-key"));
-    let (status, created, text) = call(
-        stack,
-        Method::POST,
-        "/api/admin/keys",
-        ADMIN_TOKEN,
-        Some(body),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let created = admin_key(stack, body).await;
     (
         user_id,
         created["key"].as_str().unwrap().to_owned(),
@@ -146,7 +78,7 @@ async fn create_plan(stack: &Stack, body: Value) -> Value {
         stack,
         Method::POST,
         "/api/admin/plans",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(body),
     )
     .await;
@@ -184,7 +116,7 @@ async fn a_plans_quota_is_consumed_before_credits() {
         &stack,
         Method::PUT,
         &format!("/api/admin/users/{user}/plan"),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"plan_id": plan_id})),
     )
     .await;
@@ -210,7 +142,7 @@ async fn a_plans_quota_is_consumed_before_credits() {
         &stack,
         Method::POST,
         "/api/admin/credits",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"user_id": user, "amount": "0.01", "note": "top-up"})),
     )
     .await;
@@ -233,7 +165,7 @@ async fn a_plans_quota_is_consumed_before_credits() {
     );
 
     // What the user sees.
-    let (status, mine, text) = call(&stack, Method::GET, "/api/me/plan", &key, None).await;
+    let (status, mine, text) = call(&stack, Method::GET, "/api/me/plan", Some(&key), None).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(mine["plan"]["name"], "starter");
     assert_eq!(mine["used"], "0.000015");
@@ -243,7 +175,7 @@ async fn a_plans_quota_is_consumed_before_credits() {
     let end: chrono::NaiveDate = mine["period"]["end"].as_str().unwrap().parse().unwrap();
     assert!(start <= today && today < end && start.format("%d").to_string() == "01");
     let from_balance = 4 * COST + OTHER_COST - quota;
-    let (_, balance, _) = call(&stack, Method::GET, "/api/me/balance", &key, None).await;
+    let (_, balance, _) = call(&stack, Method::GET, "/api/me/balance", Some(&key), None).await;
     assert_eq!(balance["credits"], "0.01");
     assert_eq!(
         balance["spent"],
@@ -253,7 +185,7 @@ async fn a_plans_quota_is_consumed_before_credits() {
         balance["balance"],
         schemas::Nanos(10_000_000 - from_balance).to_usd_string()
     );
-    let (_, usage, _) = call(&stack, Method::GET, "/api/usage", &key, None).await;
+    let (_, usage, _) = call(&stack, Method::GET, "/api/usage", Some(&key), None).await;
     assert_eq!(usage["totals"]["requests"], 5);
     assert_eq!(usage["totals"]["plan_cost"], "0.000015");
     assert_eq!(
@@ -281,7 +213,7 @@ async fn a_users_keys_share_the_balance_and_a_key_quota_caps_one_key() {
         &stack,
         Method::POST,
         "/api/keys",
-        &capped,
+        Some(&capped),
         Some(json!({"name": "laptop"})),
     )
     .await;
@@ -298,7 +230,7 @@ async fn a_users_keys_share_the_balance_and_a_key_quota_caps_one_key() {
         &stack,
         Method::POST,
         "/api/admin/redemption-codes",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"amount": "0.00005"})),
     )
     .await;
@@ -308,7 +240,7 @@ async fn a_users_keys_share_the_balance_and_a_key_quota_caps_one_key() {
         &stack,
         Method::POST,
         "/api/redeem",
-        &own_key,
+        Some(&own_key),
         Some(json!({"code": code})),
     )
     .await;
@@ -335,14 +267,14 @@ async fn a_users_keys_share_the_balance_and_a_key_quota_caps_one_key() {
         &stack,
         Method::POST,
         "/api/admin/credits",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"key_id": capped_id, "amount": "0.00001"})),
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{text}");
     assert_eq!(send(&stack, &own_key, MODEL).await.0, StatusCode::OK);
     stack.wait_projected("CompletionFinished", 8).await;
-    let (_, balance, _) = call(&stack, Method::GET, "/api/me/balance", &own_key, None).await;
+    let (_, balance, _) = call(&stack, Method::GET, "/api/me/balance", Some(&own_key), None).await;
     assert_eq!(balance["credits"], "0.00006");
     assert_eq!(balance["spent"], schemas::Nanos(8 * COST).to_usd_string());
     assert_eq!(
@@ -362,13 +294,13 @@ async fn a_users_keys_share_the_balance_and_a_key_quota_caps_one_key() {
     assert_eq!(spent, vec![COST, 7 * COST]);
     // Another user sees none of it, and may not ask for it.
     let (_, sam_key, _) = user_with_key(&stack, "sam", json!({})).await;
-    let (_, theirs, _) = call(&stack, Method::GET, "/api/me/balance", &sam_key, None).await;
+    let (_, theirs, _) = call(&stack, Method::GET, "/api/me/balance", Some(&sam_key), None).await;
     assert_eq!(theirs["credits"], "0");
     let (status, _, _) = call(
         &stack,
         Method::GET,
         &format!("/api/admin/users/{user}/balance"),
-        &sam_key,
+        Some(&sam_key),
         None,
     )
     .await;
@@ -408,7 +340,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
             &stack,
             Method::POST,
             "/api/admin/plans",
-            ADMIN_TOKEN,
+            Some(ADMIN_TOKEN),
             Some(body),
         )
         .await;
@@ -419,7 +351,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::POST,
         "/api/admin/plans",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"name": "PRO", "quota": "1"})),
     )
     .await;
@@ -428,7 +360,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         format!("/api/admin/plans/{}", Uuid::now_v7()),
         "/api/admin/plans/not-an-id".to_owned(),
     ] {
-        let (status, _, _) = call(&stack, Method::GET, &path, ADMIN_TOKEN, None).await;
+        let (status, _, _) = call(&stack, Method::GET, &path, Some(ADMIN_TOKEN), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
 
@@ -451,10 +383,10 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
             Some(json!({"plan_id": pro_id})),
         ),
     ] {
-        let (status, _, _) = call(&stack, method, &path, &key, body).await;
+        let (status, _, _) = call(&stack, method, &path, Some(&key), body).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
     }
-    let (_, offered, text) = call(&stack, Method::GET, "/api/plans", &key, None).await;
+    let (_, offered, text) = call(&stack, Method::GET, "/api/plans", Some(&key), None).await;
     answers.push(text);
     let names: Vec<&str> = offered["data"]
         .as_array()
@@ -469,7 +401,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::POST,
         &format!("/api/plans/{pro_id}/subscribe"),
-        &key,
+        Some(&key),
         None,
     )
     .await;
@@ -478,7 +410,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::POST,
         &format!("/api/plans/{free_id}/subscribe"),
-        &key,
+        Some(&key),
         None,
     )
     .await;
@@ -492,12 +424,12 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::PUT,
         &format!("/api/admin/users/{user}/plan"),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"plan_id": pro_id})),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let (_, offered, _) = call(&stack, Method::GET, "/api/plans", &key, None).await;
+    let (_, offered, _) = call(&stack, Method::GET, "/api/plans", Some(&key), None).await;
     assert_eq!(offered["current"], json!(pro_id));
     assert_eq!(offered["data"].as_array().unwrap().len(), 2);
     // Editing a plan: only the given fields change; subscribers are counted.
@@ -505,7 +437,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::PATCH,
         &format!("/api/admin/plans/{pro_id}"),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"quota": "25.50"})),
     )
     .await;
@@ -517,19 +449,26 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::PATCH,
         &format!("/api/admin/plans/{pro_id}"),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"name": "Free"})),
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (_, mine, text) = call(&stack, Method::GET, "/api/me/plan", &key, None).await;
+    let (_, mine, text) = call(&stack, Method::GET, "/api/me/plan", Some(&key), None).await;
     answers.push(text);
     assert_eq!(mine["plan"]["quota"], "25.5");
-    let (_, listed, text) = call(&stack, Method::GET, "/api/admin/plans", ADMIN_TOKEN, None).await;
+    let (_, listed, text) = call(
+        &stack,
+        Method::GET,
+        "/api/admin/plans",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
     answers.push(text);
     assert_eq!(listed["data"].as_array().unwrap().len(), 2);
     // Leaving the plan, then an admin ends a plan with null.
-    let (status, left, _) = call(&stack, Method::DELETE, "/api/me/plan", &key, None).await;
+    let (status, left, _) = call(&stack, Method::DELETE, "/api/me/plan", Some(&key), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(left["plan"], Value::Null);
     assert_eq!(left["remaining"], "0");
@@ -537,7 +476,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::PUT,
         &format!("/api/admin/users/{user}/plan"),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"plan_id": null})),
     )
     .await;
@@ -546,7 +485,7 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
         &stack,
         Method::PUT,
         &format!("/api/admin/users/{}/plan", Uuid::now_v7()),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"plan_id": pro_id})),
     )
     .await;
@@ -576,7 +515,14 @@ async fn plans_are_administered_by_admins_and_picked_by_users_when_public() {
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let gold = loop {
-        let (_, listed, _) = call(&stack, Method::GET, "/api/admin/plans", ADMIN_TOKEN, None).await;
+        let (_, listed, _) = call(
+            &stack,
+            Method::GET,
+            "/api/admin/plans",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
         let golds: Vec<Value> = listed["data"]
             .as_array()
             .unwrap()
@@ -636,7 +582,7 @@ async fn fifty_concurrent_requests_over_a_users_keys_overspend_by_at_most_one_es
             &stack,
             Method::POST,
             "/api/keys",
-            &first,
+            Some(&first),
             Some(json!({"name": name})),
         )
         .await;
@@ -653,7 +599,7 @@ async fn fifty_concurrent_requests_over_a_users_keys_overspend_by_at_most_one_es
         &stack,
         Method::PUT,
         &format!("/api/admin/users/{user}/plan"),
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"plan_id": plan["id"]})),
     )
     .await;
@@ -662,7 +608,7 @@ async fn fifty_concurrent_requests_over_a_users_keys_overspend_by_at_most_one_es
         &stack,
         Method::POST,
         "/api/admin/credits",
-        ADMIN_TOKEN,
+        Some(ADMIN_TOKEN),
         Some(json!({"user_id": user, "amount": "0.000025"})),
     )
     .await;

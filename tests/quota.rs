@@ -7,9 +7,12 @@
 
 mod common;
 
-use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
+use common::{
+    admin_key, admin_user, call, grant_credit, hello, until_prices, Stack, StackOptions,
+    ADMIN_TOKEN, KEY, MODEL,
+};
 use futures::StreamExt;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,15 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Per token at the test prices ($0.15 and $0.60 per million), in nano-dollars.
 const IN_NANOS: i64 = 150;
 const OUT_NANOS: i64 = 600;
-/// "hello there" as one user message: the mock upstream reports 3 + 2 words, tiktoken
+/// [`hello`]'s "hello there" as one user message: the mock upstream reports 3 + 2 words, tiktoken
 /// estimates 3 + 1 (role) + 2 + 3 (reply priming).
 const PROMPT_REAL: i64 = 5;
 const PROMPT_ESTIMATE: i64 = 9;
-
-fn body(max_tokens: u64) -> Value {
-    json!({"model": MODEL, "max_tokens": max_tokens,
-           "messages": [{"role": "user", "content": "hello there"}]})
-}
 
 async fn send(stack: &Stack, key: &str, body: &Value) -> reqwest::Response {
     stack
@@ -51,33 +49,6 @@ async fn align_to_window(window_secs: u64) {
     }
 }
 
-/// Waits until the ingress knows the test model's price (projected from the `PriceSet` of
-/// `sluice migrate`, then picked up by the ingress's directory refresh), so quota
-/// estimates are priced from the first request on.
-async fn wait_priced(stack: &Stack) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let prices: Value = stack
-            .http
-            .get(format!("{}/api/prices", stack.base))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if prices["data"].as_array().is_some_and(|d| !d.is_empty()) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no price reached the ingress"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn spent(stack: &Stack) -> i64 {
     sqlx::query_scalar("SELECT COALESCE(sum(spent_nanos), 0)::bigint FROM key_balances")
         .fetch_one(&stack.pool)
@@ -94,12 +65,16 @@ async fn rpm_and_tpm_limits_refuse_then_admit_after_the_window() {
         ..Default::default()
     })
     .await;
-    wait_priced(&stack).await;
+    // Quota estimates are priced from the first request on.
+    until_prices(&stack, 1).await;
     align_to_window(window).await;
     for _ in 0..3 {
-        assert_eq!(send(&stack, KEY, &body(5)).await.status(), StatusCode::OK);
+        assert_eq!(
+            send(&stack, KEY, &hello(MODEL, 5)).await.status(),
+            StatusCode::OK
+        );
     }
-    let refused = send(&stack, KEY, &body(5)).await;
+    let refused = send(&stack, KEY, &hello(MODEL, 5)).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = refused.headers()["retry-after"]
         .to_str()
@@ -111,7 +86,10 @@ async fn rpm_and_tpm_limits_refuse_then_admit_after_the_window() {
     assert_eq!(err["error"]["code"], "rate_limit_exceeded");
     // Two windows later the previous window no longer weighs in.
     tokio::time::sleep(Duration::from_secs(2 * window)).await;
-    assert_eq!(send(&stack, KEY, &body(5)).await.status(), StatusCode::OK);
+    assert_eq!(
+        send(&stack, KEY, &hello(MODEL, 5)).await.status(),
+        StatusCode::OK
+    );
 
     // TPM on a second key: 100 tokens per window. Each request is estimated at its prompt
     // (9 tokens by tiktoken) plus max_tokens 40, then corrected to the real 5 + 40: two fit.
@@ -154,10 +132,11 @@ async fn a_tiny_quota_is_refused_once_spent() {
         ..Default::default()
     })
     .await;
-    wait_priced(&stack).await;
+    // Quota estimates are priced from the first request on.
+    until_prices(&stack, 1).await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let resp = send(&stack, KEY, &body(10)).await;
+        let resp = send(&stack, KEY, &hello(MODEL, 10)).await;
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             let err: Value = resp.json().await.unwrap();
@@ -182,7 +161,7 @@ async fn a_tiny_quota_is_refused_once_spent() {
     // Still refused once the projected balance (not just the holds) says so.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        send(&stack, KEY, &body(10)).await.status(),
+        send(&stack, KEY, &hello(MODEL, 10)).await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
     stack.stop().await;
@@ -198,8 +177,9 @@ async fn fifty_concurrent_requests_overspend_by_at_most_one_estimate() {
         ..Default::default()
     })
     .await;
-    wait_priced(&stack).await;
-    let b = body(10);
+    // Quota estimates are priced from the first request on.
+    until_prices(&stack, 1).await;
+    let b = hello(MODEL, 10);
     let results: Vec<StatusCode> = futures::stream::iter(0..50)
         .map(|_| async { send(&stack, KEY, &b).await.status() })
         .buffer_unordered(50)
@@ -229,7 +209,10 @@ async fn fifty_concurrent_requests_overspend_by_at_most_one_estimate() {
 #[tokio::test]
 async fn a_price_change_bills_earlier_requests_at_the_old_price() {
     let stack = Stack::start(StackOptions::default()).await;
-    assert_eq!(send(&stack, KEY, &body(10)).await.status(), StatusCode::OK);
+    assert_eq!(
+        send(&stack, KEY, &hello(MODEL, 10)).await.status(),
+        StatusCode::OK
+    );
     stack.wait_projected("CompletionFinished", 1).await;
     let resp = stack
         .http
@@ -244,7 +227,10 @@ async fn a_price_change_bills_earlier_requests_at_the_old_price() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     stack.wait_projected("PriceSet", 2).await;
-    assert_eq!(send(&stack, KEY, &body(10)).await.status(), StatusCode::OK);
+    assert_eq!(
+        send(&stack, KEY, &hello(MODEL, 10)).await.status(),
+        StatusCode::OK
+    );
     stack.wait_projected("CompletionFinished", 2).await;
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
         "SELECT prompt_tokens, completion_tokens, amount_nanos FROM ledger_entries
@@ -461,7 +447,8 @@ async fn five_hundred_mixed_requests_ledger_equals_usage_times_price() {
 #[ignore]
 async fn measure_admission_overhead() {
     let stack = Stack::start(StackOptions::default()).await;
-    wait_priced(&stack).await;
+    // Quota estimates are priced from the first request on.
+    until_prices(&stack, 1).await;
     let mut variants = vec![("unlimited".to_owned(), KEY.to_owned())];
     for (name, settings) in [
         ("rpm", json!({"rpm": 1_000_000})),
@@ -486,7 +473,7 @@ async fn measure_admission_overhead() {
             .unwrap();
         variants.push((name.to_owned(), created["key"].as_str().unwrap().to_owned()));
     }
-    let b = body(10);
+    let b = hello(MODEL, 10);
     for round in 0..2 {
         for (name, key) in &variants {
             let n = 300;
@@ -509,63 +496,33 @@ async fn a_users_rpm_is_shared_by_all_their_keys() {
         ..Default::default()
     })
     .await;
-    let admin = |path: &str| format!("{}{path}", stack.base);
-    let user: Value = stack
-        .http
-        .post(admin("/api/admin/users"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "frank"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let user_id = user["id"].as_str().unwrap().to_owned();
+    let user_id = admin_user(&stack, "frank").await;
     // A user's keys spend the user's balance: give frank some.
-    let resp = stack
-        .http
-        .post(admin("/api/admin/credits"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"user_id": user_id, "amount": "1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let resp = stack
-        .http
-        .patch(admin(&format!("/api/admin/users/{user_id}")))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"rpm": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    grant_credit(&stack, json!({"user_id": user_id, "amount": "1"})).await;
+    let (status, _, text) = call(
+        &stack,
+        Method::PATCH,
+        &format!("/api/admin/users/{user_id}"),
+        Some(ADMIN_TOKEN),
+        Some(json!({"rpm": 2})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
     let mut keys = Vec::new();
     for name in ["a", "b"] {
-        let key: Value = stack
-            .http
-            .post(admin("/api/admin/keys"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({"name": name, "user_id": user_id}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let key = admin_key(&stack, json!({"name": name, "user_id": user_id})).await;
         keys.push(key["key"].as_str().unwrap().to_owned());
     }
     align_to_window(window).await;
     assert_eq!(
-        send(&stack, &keys[0], &body(5)).await.status(),
+        send(&stack, &keys[0], &hello(MODEL, 5)).await.status(),
         StatusCode::OK
     );
     assert_eq!(
-        send(&stack, &keys[1], &body(5)).await.status(),
+        send(&stack, &keys[1], &hello(MODEL, 5)).await.status(),
         StatusCode::OK
     );
-    let refused = send(&stack, &keys[0], &body(5)).await;
+    let refused = send(&stack, &keys[0], &hello(MODEL, 5)).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     let err: Value = refused.json().await.unwrap();
     assert!(

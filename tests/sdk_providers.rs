@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Stack, StackOptions, KEY, MODEL};
+use common::{channel_yaml, Stack, StackOptions, KEY, MODEL};
 use serde_json::{json, Value};
 
 const CLAUDE: &str = "claude-test";
@@ -16,15 +16,9 @@ const GEMINI: &str = "gemini-test";
 /// A stack whose OpenAI channel is the Stack's own mock and whose Anthropic and Gemini
 /// channels are a second mock (returned, to keep it running).
 async fn stack() -> (Stack, mock_upstream::MockUpstream) {
-    let mock =
-        mock_upstream::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
-            .await
-            .unwrap();
-    let extra = format!(
-        "  - name: claude-main\n    type: anthropic\n    base_url: {root}\n    models: [{CLAUDE}]\n    priority: 1\n\
-         \x20 - name: gemini-main\n    type: gemini\n    base_url: {root}\n    models: [{GEMINI}]\n    priority: 1\n",
-        root = mock.root_url()
-    );
+    let mock = common::mock(Default::default()).await;
+    let extra = channel_yaml("claude-main", "anthropic", &mock.root_url(), CLAUDE, 1)
+        + &channel_yaml("gemini-main", "gemini", &mock.root_url(), GEMINI, 1);
     let stack = Stack::start(StackOptions {
         extra_channels: extra,
         ..StackOptions::default()

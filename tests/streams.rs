@@ -10,7 +10,7 @@ use std::process::Child;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use common::{Stack, StackOptions, ADMIN_TOKEN, KEY, MODEL};
+use common::{eventually, mock_text, request_id, Stack, StackOptions, KEY, MODEL};
 use futures::{SinkExt, Stream, StreamExt};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -19,15 +19,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::bytes::Bytes;
 use uuid::Uuid;
-
-fn expected_text(chunks: usize) -> String {
-    (0..chunks).map(|i| format!("tok{i} ")).collect()
-}
-
-fn request_id(resp: &reqwest::Response) -> Uuid {
-    let id = resp.headers()["x-sluice-request-id"].to_str().unwrap();
-    Uuid::parse_str(id).unwrap()
-}
 
 fn stream_body(chunks: u32, delay_ms: u64) -> Value {
     json!({"model": MODEL, "stream": true,
@@ -76,20 +67,13 @@ impl Sse {
         loop {
             while let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
-                let mut id = None;
-                let mut event = None;
-                let mut data = None;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id: ") {
-                        id = v.trim().parse().ok();
-                    } else if let Some(v) = line.strip_prefix("event: ") {
-                        event = Some(v.to_owned());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(v.to_owned());
-                    }
-                }
-                if let (Some(data), false) = (data, event.as_deref() == Some("ping")) {
-                    return Some(Event { id, event, data });
+                let f = common::sse_fields(&block);
+                if let (Some(data), false) = (f.data, f.event == Some("ping")) {
+                    return Some(Event {
+                        id: f.seq(),
+                        event: f.event.map(str::to_owned),
+                        data: data.to_owned(),
+                    });
                 }
             }
             let chunk = tokio::time::timeout(Duration::from_secs(30), self.body.next())
@@ -109,12 +93,12 @@ impl Sse {
     }
 }
 
+/// Polls `check` until it holds; fails after 20 s.
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(20), what, async || {
+        check().then_some(()).ok_or_else(String::new)
+    })
+    .await
 }
 
 /// `(type, data)` of every event of a request, in log order.
@@ -177,16 +161,7 @@ impl SecondIngress {
             .spawn()
             .expect("spawn a second ingress");
         let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = stack.http.get(format!("{base}/readyz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "second ingress not ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::wait_ready(&stack.http, &base, &stack.dir).await;
         SecondIngress { base, child }
     }
 }
@@ -359,7 +334,7 @@ async fn a_cut_stream_resumes_on_another_ingress_without_a_second_upstream_call(
         "ids in order without gaps or repeats: {ids:?}"
     );
     let text: String = seen.iter().map(Event::content).collect();
-    assert_eq!(text, expected_text(N));
+    assert_eq!(text, mock_text(N));
 
     // One upstream call, completed; billed once as a completion, never cancelled.
     let stats = stack.mock.stats();
@@ -442,7 +417,7 @@ async fn an_anthropic_stream_resumes_in_anthropic_framing() {
             v["delta"]["text"].as_str().map(str::to_owned)
         })
         .collect();
-    assert_eq!(text, expected_text(N));
+    assert_eq!(text, mock_text(N));
     assert_eq!(stack.mock.stats().requests_total, 1);
     stack.stop().await;
 }
@@ -475,7 +450,7 @@ async fn two_watchers_receive_the_same_chunks_as_the_client() {
     assert_eq!(first, original);
     assert_eq!(second, original);
     let text: String = original.iter().map(Event::content).collect();
-    assert_eq!(text, expected_text(30));
+    assert_eq!(text, mock_text(30));
     assert_eq!(stack.mock.stats().requests_total, 1);
 
     // A finished stream can still be replayed while its chunks are kept.
@@ -486,33 +461,19 @@ async fn two_watchers_receive_the_same_chunks_as_the_client() {
 
 /// Another key, of no user: someone who must not see or stop the test key's requests.
 async fn stranger_key(stack: &Stack) -> String {
-    let created: Value = stack
-        .http
-        .post(format!("{}/api/admin/keys", stack.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "stranger"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = common::admin_key(stack, json!({"name": "stranger"})).await;
     let key = created["key"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = stack
-            .http
-            .get(format!("{}/v1/models", stack.base))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            return key;
+    eventually(Duration::from_secs(10), "the new key works", async || {
+        let (status, _, text) =
+            common::call(stack, reqwest::Method::GET, "/v1/models", Some(&key), None).await;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
         }
-        assert!(Instant::now() < deadline, "the new key never worked");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    key
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,7 +529,7 @@ async fn resume_and_cancel_are_for_the_owner_only() {
     let events = sse.rest().await;
     assert_eq!(events.last().map(|e| e.data.as_str()), Some("[DONE]"));
     let text: String = events.iter().map(Event::content).collect();
-    assert_eq!(text, expected_text(40));
+    assert_eq!(text, mock_text(40));
     stack.stop().await;
 }
 
@@ -649,7 +610,7 @@ async fn one_websocket_carries_two_requests_at_once_and_cancels_by_message() {
                     .to_owned()
             })
             .collect();
-        assert_eq!(text, expected_text(n));
+        assert_eq!(text, mock_text(n));
         let last = mine.last().unwrap();
         assert_eq!(last["type"], "done");
         assert_eq!(last["usage"]["completion_tokens"], n);

@@ -87,7 +87,7 @@ impl LoadResult {
 }
 
 /// Nearest-rank percentiles of sorted microsecond samples.
-fn percentiles(sorted: &[u32]) -> Percentiles {
+pub fn percentiles(sorted: &[u32]) -> Percentiles {
     if sorted.is_empty() {
         return Percentiles {
             p50_ms: f64::NAN,

@@ -16,6 +16,7 @@ mod procfs;
 mod report;
 mod scenario;
 mod stack;
+mod streams;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
@@ -94,6 +95,24 @@ struct Args {
     /// Only drop a namespace an earlier `--keep` run left (its schema and streams), then exit.
     #[arg(long, value_name = "NAMESPACE")]
     drop_namespace: Option<String>,
+    /// Instead of the scenarios: hold N concurrent streams open (straight at the mock, then
+    /// through the gateway) and report errors, durations and ingress memory; see
+    /// `bench/streams.sh`. The mock sends one chunk per `--chunk-delay-ms` (1000 if unset).
+    #[arg(long, value_name = "N")]
+    streams: Option<usize>,
+    /// With `--streams`: how long all streams stay open together, seconds.
+    #[arg(long, default_value_t = 60)]
+    hold_secs: u64,
+    /// With `--streams`: the streams are opened evenly over this many seconds.
+    #[arg(long, default_value_t = 5)]
+    ramp_secs: u64,
+    /// Worker processes in the gateway.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// `--max-in-flight` of each worker [default: the worker's own (256); with `--streams`,
+    /// enough for every stream at once].
+    #[arg(long)]
+    max_in_flight: Option<usize>,
 }
 
 /// Machine busy time with the stack idle above which the machine counts as busy with other
@@ -251,6 +270,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ticks.source, ticks.per_second
         );
     }
+    let workers = args.workers.max(1);
+    let max_in_flight = args.max_in_flight.or_else(|| {
+        args.streams
+            .map(|n| n.div_ceil(workers).saturating_add(16).max(256))
+    });
+    let worker_args: Vec<String> = max_in_flight
+        .map(|n| vec!["--max-in-flight".to_owned(), n.to_string()])
+        .unwrap_or_default();
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
     let http = load::client(max_concurrency)?;
     let mut stack = Stack::new(StackConfig {
@@ -261,7 +288,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         chunks: args.chunks,
         chunk_delay_ms: args.chunk_delay_ms,
         ttft_ms: args.ttft_ms,
+        workers,
+        worker_args: worker_args.clone(),
     })?;
+
+    if let Some(n) = args.streams {
+        let spec = streams::HoldSpec {
+            streams: n.max(1),
+            hold_secs: args.hold_secs,
+            ramp_secs: args.ramp_secs,
+            chunk_delay_ms: if args.chunk_delay_ms == 0 {
+                1000
+            } else {
+                args.chunk_delay_ms
+            },
+        };
+        return run_streams(&args, &mut stack, &http, spec, ticks, &sluice, worker_args).await;
+    }
 
     let outcome = tokio::select! {
         r = measure(&args, &mut stack, &http, ticks, &sluice) => r,
@@ -289,6 +332,70 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let path = written?;
     eprintln!("wrote {}", path.display());
     cleaned
+}
+
+/// `--streams N`: the hold run (see `streams`), its report on stdout and in the JSON.
+async fn run_streams(
+    args: &Args,
+    stack: &mut Stack,
+    http: &reqwest::Client,
+    spec: streams::HoldSpec,
+    ticks: ClockTicks,
+    sluice: &std::path::Path,
+    worker_args: Vec<String>,
+) -> anyhow::Result<()> {
+    let workers = args.workers.max(1);
+    let outcome = tokio::select! {
+        r = async {
+            eprintln!("starting the mock upstream and the gateway (namespace {}) …", stack.ns);
+            stack.start_mock().await?;
+            stack.start_gateway(http).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            streams::run(stack, spec, ticks, sluice, workers, worker_args).await
+        } => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let written = match &outcome {
+        Ok(report) => {
+            print!("{}", streams::markdown(report));
+            let path = args.out.clone().unwrap_or_else(|| {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/last-streams.json"))
+            });
+            let json = serde_json::to_string_pretty(report).context("encoding the JSON report")?;
+            std::fs::write(&path, json + "\n")
+                .with_context(|| format!("writing {}", path.display()))
+                .map(|()| Some(path))
+        }
+        Err(_) => Ok(None),
+    };
+    let failed = outcome
+        .as_ref()
+        .map_or(true, |r| r.direct.errors + r.gateway.errors > 0);
+    let keep_logs = args.keep || failed;
+    if keep_logs {
+        eprintln!("process logs kept in {}", stack.dir.display());
+    }
+    let cleaned = stack.shutdown(args.keep, keep_logs).await;
+    let report = outcome?;
+    if let Some(path) = written? {
+        eprintln!("wrote {}", path.display());
+    }
+    cleaned?;
+    if failed {
+        bail!(
+            "{} streams failed (direct {}, gateway {}); first gateway error: {}",
+            report.direct.errors + report.gateway.errors,
+            report.direct.errors,
+            report.gateway.errors,
+            report
+                .gateway
+                .first_error
+                .as_deref()
+                .or(report.direct.first_error.as_deref())
+                .unwrap_or("-")
+        );
+    }
+    Ok(())
 }
 
 #[tokio::main]

@@ -30,6 +30,9 @@ pub struct StackConfig {
     pub chunks: u32,
     pub chunk_delay_ms: u64,
     pub ttft_ms: u64,
+    /// Worker processes (at least one), each started as `sluice worker <worker_args>`.
+    pub workers: usize,
+    pub worker_args: Vec<String>,
 }
 
 pub struct Stack {
@@ -199,11 +202,29 @@ impl Stack {
         self.js = Some(jetstream::new(nats));
 
         for role in ROLES {
-            let child = self
-                .command(role, &[role])?
-                .spawn()
-                .with_context(|| format!("starting sluice {role}"))?;
-            self.roles.push((role, child));
+            let copies = if role == "worker" {
+                self.config.workers.max(1)
+            } else {
+                1
+            };
+            for i in 0..copies {
+                let mut args = vec![role];
+                let log = if role == "worker" {
+                    args.extend(self.config.worker_args.iter().map(String::as_str));
+                    if i == 0 {
+                        role.to_owned()
+                    } else {
+                        format!("{role}-{i}")
+                    }
+                } else {
+                    role.to_owned()
+                };
+                let child = self
+                    .command(&log, &args)?
+                    .spawn()
+                    .with_context(|| format!("starting sluice {role}"))?;
+                self.roles.push((role, child));
+            }
         }
 
         let readyz = format!("http://127.0.0.1:{}/readyz", self.gateway_port);
@@ -238,6 +259,18 @@ impl Stack {
             .iter()
             .find(|(r, _)| *r == name)
             .and_then(|(_, c)| c.id())
+    }
+
+    /// Process ids of every process of a role (several workers), or of `"mock"`.
+    pub fn pids(&self, name: &str) -> Vec<u32> {
+        if name == "mock" {
+            return self.pid("mock").into_iter().collect();
+        }
+        self.roles
+            .iter()
+            .filter(|(r, _)| *r == name)
+            .filter_map(|(_, c)| c.id())
+            .collect()
     }
 
     /// Fails when a process of the stack has exited (a crash under load).
@@ -304,6 +337,21 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Terminal events (`CompletionFinished`, `RequestFailed`, `RequestCancelled`) in the
+    /// Postgres event log so far.
+    pub async fn recorded_terminal_events(&self) -> anyhow::Result<i64> {
+        let Some(pool) = &self.pool else {
+            bail!("the gateway is not started")
+        };
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM event_log WHERE type IN ('CompletionFinished', 'RequestFailed', 'RequestCancelled')",
+        )
+        .fetch_one(pool)
+        .await
+        .context("counting terminal events")?;
+        Ok(n)
     }
 
     /// Stops every process (SIGTERM, then SIGKILL after 5 s) and drops the namespace unless

@@ -143,7 +143,7 @@ impl Role {
 }
 
 /// A user as the API shows it: never the password hash.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct UserView {
     pub id: Uuid,
     pub name: String,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod jwt;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod presence;
 pub mod quota;
 pub mod relay;
@@ -85,14 +86,9 @@ pub async fn build_state(
     }))
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    let max_body = state.opts.max_body_bytes;
-    let body_limits = routes::body::BodyLimits {
-        max_bytes: max_body,
-        ..state.opts.limits.body
-    };
-    let header_limits = state.opts.limits.headers;
-    let queue = state.queue.clone();
+/// Every route of the API, without state, fallbacks or middleware. The OpenAPI document
+/// (`openapi`) must list exactly these; a test of that module checks it.
+pub fn route_table() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/messages", post(routes::messages::messages))
@@ -111,6 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(metrics::scrape))
+        .route("/openapi.json", get(openapi::serve))
         .route(
             "/api/admin/projections",
             get(routes::admin_projections::list),
@@ -119,6 +116,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(routes::admin_channels::router())
         .merge(routes::admin_nodes::router())
         .merge(routes::channels::router())
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.opts.max_body_bytes;
+    let body_limits = routes::body::BodyLimits {
+        max_bytes: max_body,
+        ..state.opts.limits.body
+    };
+    let header_limits = state.opts.limits.headers;
+    let queue = state.queue.clone();
+    route_table()
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))

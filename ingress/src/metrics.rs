@@ -125,6 +125,13 @@ pub fn text_response(body: String) -> Response {
 }
 
 /// `GET /metrics` on the ingress: samples the deployment-wide gauges, then renders.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain; version=0.0.4", body = String)),
+)]
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
     if tokio::time::timeout(SAMPLE_TIMEOUT, sample(&state))
         .await

@@ -24,7 +24,9 @@
 //! the directory sees the request's ledger row, i.e. when the projected balance includes
 //! it. The short expiry is only a safety net for a request the ledger never charges.
 //!
-//! Redis down: the projected balance alone decides (no holds), with a warning.
+//! Redis down (or slower than [`REDIS_WAIT`] to answer the hold): the projected balance
+//! alone decides, without holds, so requests in flight are not counted against each other;
+//! logged once per outage and counted per request in [`UNCHECKED`].
 //!
 //! Known bounds: with several ingresses, one may release a hold (its refresh saw the
 //! ledger row) up to one refresh interval before another's snapshot includes that charge,
@@ -58,6 +60,12 @@ pub const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
 pub const SETTLED_HOLD: Duration = Duration::from_secs(120);
 /// Added to the request timeout for a hold that was never settled.
 const RESERVE_MARGIN: Duration = Duration::from_secs(60);
+/// Longest a request waits for Redis to place its hold before the projected balance alone
+/// decides (as for the rate limiter: a hung Redis must not hold requests). A hold Redis
+/// places after that is never settled and expires on its own: conservative, not lost.
+const REDIS_WAIT: Duration = Duration::from_millis(250);
+/// Requests admitted against the projected balance alone because Redis did not answer.
+pub const UNCHECKED: &str = "sluice_quota_holds_unavailable_total";
 
 /// What the quota needs of a request, whatever its API.
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +175,10 @@ pub async fn admit(
             Reservation::Unavailable
                 if accounts
                     .iter()
-                    .all(|(_, left)| *left > 0 && *left >= est.cost.0) => {}
+                    .all(|(_, left)| *left > 0 && *left >= est.cost.0) =>
+            {
+                metrics::counter!(UNCHECKED).increment(1);
+            }
             Reservation::Refused | Reservation::Unavailable => {
                 hold.release().await;
                 return Err(ApiError::InsufficientQuota);
@@ -512,7 +523,16 @@ impl HoldStore {
             invocation.arg(*left);
         }
         let mut conn = redis.clone();
-        let result: Result<i64, _> = invocation.invoke_async(&mut conn).await;
+        let result: Result<i64, redis::RedisError> =
+            tokio::time::timeout(REDIS_WAIT, invocation.invoke_async(&mut conn))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "Redis did not answer in time",
+                    )
+                    .into())
+                });
         match result {
             Ok(1) => {
                 self.warned.store(false, Ordering::Relaxed);

@@ -57,6 +57,30 @@ const MAX_ID_LEN: usize = 128;
 /// Frames waiting for the socket writer; request relays wait when it is full.
 const OUTBOX: usize = 256;
 
+/// Chat completions over a WebSocket
+///
+/// Upgrade to a WebSocket carrying JSON text frames: the client sends
+/// `{"type":"chat","id","body":{…chat completion request…}}`, `{"type":"cancel","id"}` and
+/// `{"type":"ping"}`; the server answers `accepted`, `chunk`, `done` or `error` frames per
+/// request, and pings. Several requests may run at once on one socket.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    operation_id = "websocket",
+    tag = "openai",
+    params(
+        ("Upgrade" = String, Header, description = "`websocket`"),
+        ("Connection" = String, Header, description = "`Upgrade`"),
+        ("Sec-WebSocket-Version" = String, Header, description = "`13`"),
+        ("Sec-WebSocket-Key" = String, Header, description = "The client's nonce"),
+    ),
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 426, description = "Not a WebSocket upgrade request"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

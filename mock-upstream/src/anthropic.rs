@@ -321,7 +321,9 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         return provider_error(529);
     }
     if let Some(status) = knobs.fail_status {
-        return provider_error(status);
+        if shared.should_fail(knobs.fail_times) {
+            return provider_error(status);
+        }
     }
     let answer = plan(&req, &knobs, &extras);
     if req.get("stream").and_then(Value::as_bool) == Some(true) {

@@ -138,7 +138,9 @@ async fn call(
         return provider_error(503);
     }
     if let Some(status) = knobs.fail_status {
-        return provider_error(status);
+        if shared.should_fail(knobs.fail_times) {
+            return provider_error(status);
+        }
     }
     let limit = req
         .pointer("/generationConfig/maxOutputTokens")

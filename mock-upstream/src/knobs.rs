@@ -32,6 +32,18 @@ pub struct MockConfig {
     pub hang: bool,
     /// When set, chat requests need `Authorization: Bearer <key>` (else 401).
     pub require_key: Option<String>,
+    /// In a stream, send this many content chunks (after the role chunk) and then go silent
+    /// without closing the connection, until the client goes away (idle and first-token
+    /// timeout tests; `0` stalls before any content). Ignored by non-stream requests, so a
+    /// retry without streaming gets the whole answer. OpenAI surface only.
+    pub stall_after: Option<u32>,
+    /// With `fail_status`: only the first this many chat requests this server receives (since
+    /// start or the last reset) fail; later ones answer normally (retry tests). Unset: every
+    /// request fails.
+    pub fail_times: Option<u32>,
+    /// The `Retry-After` header (seconds) of a `fail_status` of 429 or 503 on the OpenAI
+    /// surface. Unset: `1` on a 429, none on a 503, as the real provider does.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl Default for MockConfig {
@@ -45,6 +57,9 @@ impl Default for MockConfig {
             usage: true,
             hang: false,
             require_key: None,
+            stall_after: None,
+            fail_times: None,
+            retry_after_secs: None,
         }
     }
 }
@@ -62,6 +77,9 @@ pub struct MockOverrides {
     pub usage: Option<bool>,
     pub hang: Option<bool>,
     pub require_key: Option<String>,
+    pub stall_after: Option<u32>,
+    pub fail_times: Option<u32>,
+    pub retry_after_secs: Option<u64>,
 }
 
 /// The knobs that apply to one request once overrides are merged. `Copy` and free of heap data
@@ -75,6 +93,9 @@ pub struct Knobs {
     pub disconnect_after: Option<u32>,
     pub usage: bool,
     pub hang: bool,
+    pub stall_after: Option<u32>,
+    pub fail_times: Option<u32>,
+    pub retry_after_secs: Option<u64>,
 }
 
 impl MockConfig {
@@ -88,6 +109,9 @@ impl MockConfig {
             disconnect_after: self.disconnect_after,
             usage: self.usage,
             hang: self.hang,
+            stall_after: self.stall_after,
+            fail_times: self.fail_times,
+            retry_after_secs: self.retry_after_secs,
         };
         let Some(o) = o else { return base };
         Knobs {
@@ -98,6 +122,9 @@ impl MockConfig {
             disconnect_after: o.disconnect_after.or(base.disconnect_after),
             usage: o.usage.unwrap_or(base.usage),
             hang: o.hang.unwrap_or(base.hang),
+            stall_after: o.stall_after.or(base.stall_after),
+            fail_times: o.fail_times.or(base.fail_times),
+            retry_after_secs: o.retry_after_secs.or(base.retry_after_secs),
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::{Request, State};
@@ -48,6 +48,19 @@ pub(crate) struct Shared {
     /// The last chat request body per model, while recording (tests check what the
     /// gateway sent upstream, e.g. a session's history).
     last_bodies: Mutex<HashMap<String, axum::body::Bytes>>,
+    /// Requests that reached the `fail_status` check, for `fail_times` (reset with the stats).
+    failures: AtomicU64,
+    /// Off by default, like `recording`: arrival of each provider request while on.
+    recording_calls: AtomicBool,
+    calls: Mutex<Vec<Call>>,
+}
+
+/// One provider request as the mock received it (see [`MockUpstream::record_calls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub path: String,
+    /// When the request's head arrived.
+    pub at: std::time::Instant,
 }
 
 impl Shared {
@@ -58,7 +71,25 @@ impl Shared {
             shutdown,
             recording: AtomicBool::new(false),
             last_bodies: Mutex::new(HashMap::new()),
+            failures: AtomicU64::new(0),
+            recording_calls: AtomicBool::new(false),
+            calls: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether a request configured to fail with `fail_status` fails: always without
+    /// `fail_times`, else only the first `fail_times` such requests.
+    pub(crate) fn should_fail(&self, fail_times: Option<u32>) -> bool {
+        match fail_times {
+            None => true,
+            Some(n) => self.failures.fetch_add(1, Ordering::Relaxed) < u64::from(n),
+        }
+    }
+
+    fn reset(&self) {
+        self.counters.reset();
+        self.failures.store(0, Ordering::Relaxed);
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Keeps `body` as the last request for `model` when recording is on.
@@ -125,9 +156,24 @@ impl MockUpstream {
         self.shared.counters.snapshot()
     }
 
-    /// Zeroes the counters.
+    /// Zeroes the counters (and the `fail_times` count, and the recorded calls).
     pub fn reset_stats(&self) {
-        self.shared.counters.reset();
+        self.shared.reset();
+    }
+
+    /// Starts (or stops) recording when each provider request arrives, for
+    /// [`MockUpstream::calls`] (retry and backoff tests compare arrival times).
+    pub fn record_calls(&self, on: bool) {
+        self.shared.recording_calls.store(on, Ordering::Relaxed);
+    }
+
+    /// The provider requests received while recording, in arrival order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Starts (or stops) keeping the last chat request body per model, for
@@ -238,6 +284,17 @@ async fn count_request(State(shared): State<Arc<Shared>>, req: Request) -> Reque
     let path = req.uri().path();
     if !path.starts_with("/_mock/") {
         shared.counters.record_request(path);
+        if shared.recording_calls.load(Ordering::Relaxed) {
+            let call = Call {
+                path: path.to_owned(),
+                at: std::time::Instant::now(),
+            };
+            shared
+                .calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(call);
+        }
     }
     req
 }
@@ -259,6 +316,6 @@ async fn post_config(
 }
 
 async fn post_reset(State(shared): State<Arc<Shared>>) -> StatusCode {
-    shared.counters.reset();
+    shared.reset();
     StatusCode::NO_CONTENT
 }

@@ -230,6 +230,18 @@ pub fn error_response(
     resp
 }
 
+/// The error OpenAI sends for a given status (the `fail_status` knob), with
+/// `Retry-After: <retry_after>` on a 429 or 503 when given (a 429 has `1` otherwise).
+pub fn provider_error_retry_after(status: u16, retry_after: Option<u64>) -> Response {
+    let mut resp = provider_error(status);
+    if let Some(secs) = retry_after.filter(|_| matches!(status, 429 | 503)) {
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    resp
+}
+
 /// The error OpenAI sends for a given status (the `fail_status` knob).
 pub fn provider_error(status: u16) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -376,7 +388,9 @@ pub(crate) async fn chat_completions(
         return provider_error(503);
     }
     if let Some(status) = knobs.fail_status {
-        return provider_error(status);
+        if shared.should_fail(knobs.fail_times) {
+            return provider_error_retry_after(status, knobs.retry_after_secs);
+        }
     }
 
     let limit = req.max_completion_tokens.or(req.max_tokens);

@@ -508,3 +508,85 @@ async fn serve_stops_on_cancel() {
         .unwrap()
         .unwrap();
 }
+
+/// `stall_after`: the stream sends that many content chunks, then stays open and silent
+/// until the client leaves (counted as aborted); a non-stream request ignores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stall_after_goes_silent_without_closing() {
+    let m = start(MockConfig::default()).await;
+    let mut resp = post(
+        &m,
+        request(json!({"stream": true, "mock": {"stall_after": 2}})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    // role + tok0 + tok1 arrive, then nothing: reading times out instead of ending.
+    while !String::from_utf8_lossy(&got).contains("tok1 ") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+            .await
+            .expect("the chunks before the stall arrive")
+            .unwrap()
+            .expect("not ended");
+        got.extend_from_slice(&chunk);
+    }
+    let silent = tokio::time::timeout(Duration::from_millis(300), resp.chunk()).await;
+    assert!(silent.is_err(), "silent after the stall: {silent:?}");
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.stats().streams_aborted == 0 {
+        assert!(Instant::now() < deadline, "{:?}", m.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v: Value = post(
+        &m,
+        request(json!({"mock": {"stall_after": 0, "chunks": 2}})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "tok0 tok1 ");
+}
+
+/// `fail_times` fails only the first requests; `retry_after_secs` sets the header; the
+/// call log records arrivals while on, and a reset starts the count again.
+#[tokio::test]
+async fn fail_times_then_answer_and_calls_are_recorded() {
+    let m = start(MockConfig {
+        fail_status: Some(429),
+        fail_times: Some(2),
+        retry_after_secs: Some(7),
+        ..Default::default()
+    })
+    .await;
+    m.record_calls(true);
+    for _ in 0..2 {
+        let resp = post(&m, request(json!({}))).await;
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "7");
+    }
+    assert_eq!(post(&m, request(json!({}))).await.status(), 200);
+    let calls = m.calls();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|c| c.path == "/v1/chat/completions"));
+    assert!(calls.windows(2).all(|w| w[0].at <= w[1].at));
+    m.reset_stats();
+    assert!(m.calls().is_empty());
+    assert_eq!(post(&m, request(json!({}))).await.status(), 429);
+    let resp = post(&m, request(json!({"mock": {"fail_times": 0}}))).await;
+    assert_eq!(resp.status(), 200, "fail_times 0 fails nothing");
+
+    // A 503 gets the header only when asked.
+    let m = start(MockConfig {
+        fail_status: Some(503),
+        ..Default::default()
+    })
+    .await;
+    let resp = post(&m, request(json!({}))).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_none());
+    let resp = post(&m, request(json!({"mock": {"retry_after_secs": 3}}))).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "3");
+}

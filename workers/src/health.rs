@@ -138,15 +138,17 @@ impl SharedHealth {
     /// that joins does not hammer a channel the others are avoiding. The watch started by
     /// [`SharedHealth::spawn`] delivers them again, harmlessly.
     async fn load_bans(&self) {
-        let keys: Vec<String> = match self.kv.keys().await {
-            Ok(keys) => keys.filter_map(|k| async { k.ok() }).collect().await,
+        let keys = match crate::kv_keys::list_keys(&self.kv, "ban.", crate::kv_keys::LIST_TIMEOUT)
+            .await
+        {
+            Ok(keys) => keys,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list channel bans; learning them from the watch");
                 return;
             }
         };
         let mut loads = HashMap::new();
-        for key in keys.iter().filter(|k| k.starts_with("ban.")) {
+        for key in &keys {
             if let Ok(Some(entry)) = self.kv.entry(key.as_str()).await {
                 self.apply(&entry, &mut loads);
             }

@@ -11,6 +11,8 @@
 //!   channel's protocol (see `adapters/README.md`).
 //! - [`health`] shares channel bans and in-flight counts with the other workers through
 //!   NATS KV, so the router's circuit breaker acts deployment-wide.
+//! - [`egress`] keeps personal channels (a user's own `base_url`) off private addresses.
+//! - [`kv_keys`] lists the keys of a KV bucket with a deadline (never `Store::keys`).
 //! - `handler` runs one request: attempts and failover, relaying, terminal events, acks.
 //!   `relay` and `frames` stream and coalesce chunks; `tally` rewrites chunks and notes
 //!   usage; `estimate` counts tokens when the provider reports none.
@@ -24,12 +26,14 @@ pub mod adapters;
 mod cancel;
 pub mod channels;
 mod consumer;
+pub mod egress;
 mod error;
 mod estimate;
 mod events;
 mod frames;
 mod handler;
 pub mod health;
+pub mod kv_keys;
 pub mod metrics;
 pub mod node;
 mod options;

@@ -12,7 +12,6 @@ use common::{chat, fast_options, mock, mock_with, ChannelRow, Harness, NATS_URL}
 use mock_upstream::{MockConfig, MockUpstream};
 use router::{Availability, Ban, BreakerConfig, HealthBook};
 use schemas::work::{ErrorKind, FrameKind};
-use schemas::Envelope;
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -87,22 +86,6 @@ fn calls(mock: &MockUpstream) -> u64 {
     mock.stats().requests_total
 }
 
-/// Every stored event of the namespace of `event_type`.
-async fn events_of(h: &Harness, event_type: &str) -> Vec<Envelope> {
-    let stream = h.js.get_stream(h.ns.events_stream()).await.unwrap();
-    let last = stream.get_info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(msg) = stream.direct_get(seq).await {
-            let env: Envelope = serde_json::from_slice(&msg.payload).unwrap();
-            if env.event_type == event_type {
-                out.push(env);
-            }
-        }
-    }
-    out
-}
-
 async fn ban_record(h: &Harness, channel: Uuid) -> Option<BanRecord> {
     let kv =
         h.js.get_key_value(h.ns.channel_health_bucket())
@@ -157,7 +140,7 @@ async fn a_primary_failing_with_500_fails_over_and_is_banned() {
     assert_eq!(failed["kind"], "upstream5xx");
     assert_eq!(failed["status"], 500);
 
-    let bans = events_of(&h, "ChannelBanned").await;
+    let bans = h.events_of("ChannelBanned").await;
     assert_eq!(bans.len(), 1);
     let ban = &bans[0].data;
     assert_eq!(ban["channel_id"], json!(primary_id));
@@ -231,7 +214,7 @@ async fn a_429_with_retry_after_bans_at_once_for_as_long_as_asked() {
     let (_, channel) = served_by(&h).await;
     assert_eq!(channel, "backup");
     assert_eq!(calls(&primary), 1);
-    let bans = events_of(&h, "ChannelBanned").await;
+    let bans = h.events_of("ChannelBanned").await;
     assert_eq!(bans.len(), 1);
     assert_eq!(bans[0].data["kind"], "rate_limited");
     assert_eq!(bans[0].data["retry_after"], 1);

@@ -65,11 +65,7 @@ async fn stream_reassembles_with_the_usage_chunk_the_client_asked_for() {
 
 #[tokio::test]
 async fn a_burst_of_chunks_is_coalesced_into_few_messages() {
-    let mut h = Harness::new().await;
-    let up = mock().await;
-    h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
-        .await;
-    h.start_worker(fast_options());
+    let (h, _up) = Harness::with_main_channel(MockConfig::default()).await;
 
     // The mock sends 20 chunks back to back: the first content goes out at once (time to
     // first token), the rest travels in a batch or two, not one message per token.
@@ -87,11 +83,7 @@ async fn a_burst_of_chunks_is_coalesced_into_few_messages() {
 
 #[tokio::test]
 async fn stream_without_include_usage_gets_no_usage() {
-    let mut h = Harness::new().await;
-    let up = mock().await;
-    h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
-        .await;
-    h.start_worker(fast_options());
+    let (h, _up) = Harness::with_main_channel(MockConfig::default()).await;
 
     let a = h
         .send(
@@ -116,11 +108,7 @@ async fn stream_without_include_usage_gets_no_usage() {
 
 #[tokio::test]
 async fn non_stream_gets_one_response_frame() {
-    let mut h = Harness::new().await;
-    let up = mock().await;
-    h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
-        .await;
-    h.start_worker(fast_options());
+    let (h, _up) = Harness::with_main_channel(MockConfig::default()).await;
 
     let a = h
         .send(
@@ -282,15 +270,11 @@ async fn a_stream_cut_after_content_ends_with_an_error_and_partial_usage() {
 
 #[tokio::test]
 async fn a_provider_without_usage_is_estimated() {
-    let mut h = Harness::new().await;
-    let up = mock_with(MockConfig {
+    let (h, _up) = Harness::with_main_channel(MockConfig {
         usage: false,
         ..MockConfig::default()
     })
     .await;
-    h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
-        .await;
-    h.start_worker(fast_options());
 
     let a = h
         .send(
@@ -333,15 +317,11 @@ async fn a_provider_without_usage_is_estimated() {
 
 #[tokio::test]
 async fn two_workers_share_the_consumer_and_answer_each_request_once() {
-    let mut h = Harness::new().await;
-    let up = mock_with(MockConfig {
+    let (mut h, up) = Harness::with_main_channel(MockConfig {
         chunk_delay_ms: 5,
         ..MockConfig::default()
     })
     .await;
-    h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
-        .await;
-    h.start_worker(fast_options());
     h.start_worker(fast_options());
 
     let n = 40;
@@ -460,11 +440,7 @@ async fn sealed_keys_are_opened_and_unopenable_channels_skipped() {
 
 #[tokio::test]
 async fn a_request_past_its_deadline_is_not_sent_upstream() {
-    let mut h = Harness::new().await;
-    let up = mock().await;
-    h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
-        .await;
-    h.start_worker(fast_options());
+    let (h, up) = Harness::with_main_channel(MockConfig::default()).await;
 
     let mut item = h.work_item("gpt-test", chat("gpt-test", true, false, json!({})));
     item.deadline = chrono::Utc::now() - chrono::Duration::seconds(1);

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use crate::auth::Admin;
 use crate::error::error_response;
-use crate::routes::body::{double_option, ApiJson};
+use crate::routes::body::{double_option, ApiJson, ApiQuery};
 use crate::state::AppState;
 
 /// How long `POST …/test` waits for the upstream.
@@ -157,7 +157,7 @@ fn db_error(e: sqlx::Error, name: &str) -> ChannelAdminError {
 type Result<T> = std::result::Result<T, ChannelAdminError>;
 
 /// A channel as the API shows it: everything but the secret.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChannelView {
     id: Uuid,
     name: String,
@@ -166,6 +166,8 @@ pub struct ChannelView {
     base_url: Option<String>,
     has_api_key: bool,
     models: Vec<String>,
+    /// Client model name → upstream model name.
+    #[schema(value_type = Object)]
     model_map: Value,
     priority: i32,
     weight: i32,
@@ -183,41 +185,15 @@ pub struct ChannelView {
 }
 
 /// What the workers currently know about a channel.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct HealthView {
     /// Set while the circuit breaker keeps the channel out of routing.
     banned_until: Option<DateTime<Utc>>,
     /// The failure kind behind the current ban.
+    #[schema(value_type = Option<crate::openapi::ErrorKindDoc>)]
     ban_kind: Option<ErrorKind>,
     /// Calls in flight on it across live workers.
     in_flight: u32,
-}
-
-/// The keys of the health bucket starting with `prefix`, read from the stream's subject
-/// list: one bounded request. (`Store::keys` runs a consumer until it sees the history's
-/// end, which can wait forever while workers keep putting their load records.)
-pub(crate) async fn health_keys(
-    kv: &async_nats::jetstream::kv::Store,
-    prefix: &str,
-) -> Vec<String> {
-    use futures::StreamExt;
-    let subject_prefix = format!("$KV.{}.", kv.name);
-    let Ok(subjects) = kv
-        .stream
-        .info_with_subjects(format!("{subject_prefix}{prefix}>"))
-        .await
-    else {
-        return Vec::new();
-    };
-    subjects
-        .filter_map(|s| {
-            let key = s
-                .ok()
-                .and_then(|(subject, _)| subject.strip_prefix(&subject_prefix).map(str::to_owned));
-            async move { key }
-        })
-        .collect()
-        .await
 }
 
 /// Reads bans and in-flight counts from the health bucket. Best effort: without the
@@ -233,7 +209,15 @@ async fn attach_health(state: &AppState, views: &mut [ChannelView]) {
     };
     let now = now_ms();
     let mut in_flight: std::collections::HashMap<Uuid, u32> = std::collections::HashMap::new();
-    for key in &health_keys(&kv, "load.").await {
+    let load_keys =
+        match workers::kv_keys::list_keys(&kv, "load.", workers::kv_keys::LIST_TIMEOUT).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "channel in-flight counts left out of the listing");
+                Vec::new()
+            }
+        };
+    for key in &load_keys {
         let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
             continue;
         };
@@ -307,24 +291,30 @@ fn parse_id(id: &str) -> Result<Uuid> {
     Uuid::parse_str(id).map_err(|_| ChannelAdminError::NotFound)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: String,
     #[serde(rename = "type", alias = "channel_type")]
+    #[schema(schema_with = crate::openapi::channel_type)]
     channel_type: String,
     #[serde(default)]
+    #[schema(pattern = r"^https?://\S+$")]
     base_url: Option<String>,
     #[serde(default)]
     api_key: Option<String>,
+    #[schema(min_items = 1)]
     models: Vec<String>,
     #[serde(default)]
     model_map: BTreeMap<String, String>,
     #[serde(default)]
     priority: i32,
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000000)]
     weight: i64,
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 100)]
     retry: i64,
     #[serde(default)]
     groups: Vec<String>,
@@ -341,26 +331,32 @@ fn yes() -> bool {
 }
 
 /// PATCH body: absent fields stay; `base_url` and `api_key` can be cleared with `null`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateChannel {
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: Option<String>,
     #[serde(default, rename = "type", alias = "channel_type")]
+    #[schema(schema_with = crate::openapi::channel_type)]
     channel_type: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(pattern = r"^https?://\S+$")]
     base_url: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
     api_key: Option<Option<String>>,
     #[serde(default)]
+    #[schema(min_items = 1)]
     models: Option<Vec<String>>,
     #[serde(default)]
     model_map: Option<BTreeMap<String, String>>,
     #[serde(default)]
     priority: Option<i32>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000000)]
     weight: Option<i64>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
     retry: Option<i64>,
     #[serde(default)]
     groups: Option<Vec<String>>,
@@ -468,6 +464,22 @@ fn validate(s: &mut Settings) -> Result<()> {
     Ok(())
 }
 
+/// A user's channel may only call public addresses, unless the operator allows private
+/// ones (`workers::egress`); shared channels are the operator's own. The workers check
+/// again at every call, since DNS can change after this.
+async fn check_egress(scope: Scope, s: &Settings) -> Result<()> {
+    if scope.owner().is_none() || workers::egress::allow_private() {
+        return Ok(());
+    }
+    let Some(url) = workers::egress::effective_base_url(&s.channel_type, s.base_url.as_deref())
+    else {
+        return Ok(());
+    };
+    workers::egress::check_base_url(url)
+        .await
+        .map_err(|e| ChannelAdminError::invalid("base_url", e.to_string()))
+}
+
 fn positive(param: &'static str, v: i64, max: i64) -> Result<i32> {
     if (1..=max).contains(&v) {
         i32::try_from(v).map_err(|_| ChannelAdminError::invalid(param, "out of range"))
@@ -538,6 +550,25 @@ async fn commit(state: &AppState, tx: Transaction<'static, Postgres>) -> Result<
     Ok(())
 }
 
+/// Create a shared channel
+///
+/// The provider key (`api_key`) is sealed with `SLUICE_SECRET_KEY` and never returned.
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels",
+    operation_id = "adminCreateChannel",
+    tag = "admin",
+    request_body = CreateChannel,
+    responses(
+        (status = 201, description = "The channel", body = ChannelView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 409, description = "A channel of that name exists"),
+        (status = 503, description = "No `SLUICE_SECRET_KEY` to seal the key with, or the audit log is unavailable; nothing was changed"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn create(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -566,6 +597,7 @@ pub(crate) async fn create_in(
         enabled: body.enabled,
     };
     validate(&mut s)?;
+    check_egress(scope, &s).await?;
     let sealed = body
         .api_key
         .as_deref()
@@ -621,6 +653,19 @@ pub(crate) async fn create_in(
     Ok(view)
 }
 
+/// Every channel, with its live health
+#[utoipa::path(
+    get,
+    path = "/api/admin/channels",
+    operation_id = "adminListChannels",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The channels, by priority", body = crate::openapi::ChannelList),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
     let data = list_in(&state, Scope::Admin).await?;
     Ok(Json(json!({ "data": data })))
@@ -665,6 +710,21 @@ async fn load(
     stored(&row).map_err(|e| db_error(e, ""))
 }
 
+/// One channel, with its live health
+#[utoipa::path(
+    get,
+    path = "/api/admin/channels/{id}",
+    operation_id = "adminGetChannel",
+    tag = "admin",
+    params(("id" = String, Path, description = "The channel id (a UUID)")),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such channel"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn get_one(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -681,6 +741,27 @@ pub(crate) async fn get_in(state: &AppState, scope: Scope, id: &str) -> Result<C
     Ok(view)
 }
 
+/// Change a channel
+///
+/// Absent fields stay; `base_url` and `api_key` can be cleared with `null`.
+#[utoipa::path(
+    method(patch, put),
+    path = "/api/admin/channels/{id}",
+    operation_id = "adminUpdateChannel",
+    tag = "admin",
+    params(("id" = String, Path, description = "The channel id (a UUID)")),
+    request_body = UpdateChannel,
+    responses(
+        (status = 200, description = "The channel as changed", body = ChannelView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such channel"),
+        (status = 409, description = "A channel of that name exists"),
+        (status = 503, description = "No `SLUICE_SECRET_KEY`, or the audit log is unavailable; nothing was changed"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn update(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -690,6 +771,22 @@ pub async fn update(
     change(&state, Scope::Admin, &id, body).await.map(Json)
 }
 
+/// Enable a channel
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels/{id}/enable",
+    operation_id = "adminEnableChannel",
+    tag = "admin",
+    params(("id" = String, Path, description = "The channel id (a UUID)")),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such channel"),
+        (status = 503, description = "The audit log is unavailable; nothing was changed"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn enable(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -698,6 +795,22 @@ pub async fn enable(
     switch(&state, Scope::Admin, &id, true).await.map(Json)
 }
 
+/// Disable a channel
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels/{id}/disable",
+    operation_id = "adminDisableChannel",
+    tag = "admin",
+    params(("id" = String, Path, description = "The channel id (a UUID)")),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such channel"),
+        (status = 503, description = "The audit log is unavailable; nothing was changed"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn disable(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -732,6 +845,9 @@ pub(crate) async fn change(
     let mut tx = begin(state).await?;
     let current = load(&mut *tx, scope, id, true).await?;
     let v = current.view;
+    // Where the channel calls changes only with these; a rename or disable must not fail
+    // on a base_url accepted before.
+    let target_changed = body.base_url.is_some() || body.channel_type.is_some();
     let model_map: BTreeMap<String, String> =
         serde_json::from_value(v.model_map).unwrap_or_default();
     let mut s = Settings {
@@ -753,6 +869,9 @@ pub(crate) async fn change(
         enabled: body.enabled.unwrap_or(v.enabled),
     };
     validate(&mut s)?;
+    if target_changed {
+        check_egress(scope, &s).await?;
+    }
     let sealed = match body.api_key {
         None => current.sealed,
         Some(None) => None,
@@ -784,6 +903,22 @@ pub(crate) async fn change(
     Ok(view)
 }
 
+/// Delete a channel
+#[utoipa::path(
+    delete,
+    path = "/api/admin/channels/{id}",
+    operation_id = "adminDeleteChannel",
+    tag = "admin",
+    params(("id" = String, Path, description = "The channel id (a UUID)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such channel"),
+        (status = 503, description = "The audit log is unavailable; nothing was changed"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn delete(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -821,8 +956,9 @@ pub(crate) async fn delete_in(state: &AppState, scope: Scope, id: &str) -> Resul
     commit(state, tx).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TestParams {
     /// The client model name to test; the channel's first model by default.
     #[serde(default)]
@@ -832,11 +968,27 @@ pub struct TestParams {
 /// Sends a one-token chat request through the channel's adapter and reports how long the
 /// answer took, or why it failed. A failing channel is a successful test (200) whose
 /// `ok` is false: the test itself worked.
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels/{id}/test",
+    operation_id = "adminTestChannel",
+    tag = "admin",
+    params(("id" = String, Path, description = "The channel id (a UUID)"), TestParams),
+    responses(
+        (status = 200, description = "The test's outcome (`ok` false when the channel failed)", body = crate::openapi::ChannelTestReport),
+        (status = 400, description = "The channel does not serve `model`"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such channel"),
+        (status = 503, description = "The channel's key cannot be opened (no or another `SLUICE_SECRET_KEY`)"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn test(
     _: Admin,
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(params): Query<TestParams>,
+    ApiQuery(params): ApiQuery<TestParams>,
 ) -> Result<Json<Value>> {
     test_in(&state, Scope::Admin, &id, params).await.map(Json)
 }

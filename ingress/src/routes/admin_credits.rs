@@ -30,7 +30,7 @@ use crate::routes::body::ApiJson;
 use crate::state::AppState;
 
 /// Exactly one of `user_id` and `key_id`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreditBody {
     #[serde(default)]
@@ -38,6 +38,7 @@ pub struct CreditBody {
     #[serde(default)]
     key_id: Option<Uuid>,
     /// USD, decimal string; negative debits.
+    #[schema(pattern = r"^-?[0-9]{1,9}(\.[0-9]{1,9})?$")]
     amount: String,
     #[serde(default)]
     note: String,
@@ -125,6 +126,25 @@ async fn publish_credit(
     Ok(published.event_id)
 }
 
+/// Grant (or, negative, debit) credit to a user or a key
+///
+/// Name exactly one of `user_id` and `key_id`. Answers once JetStream stored the event.
+#[utoipa::path(
+    post,
+    path = "/api/admin/credits",
+    operation_id = "adminGrantCredit",
+    tag = "admin",
+    request_body = CreditBody,
+    responses(
+        (status = 202, description = "Recorded", body = crate::openapi::CreditGranted),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such user or key"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn grant(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -181,12 +201,14 @@ pub async fn grant(
     Ok((StatusCode::ACCEPTED, Json(answer)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CodesBody {
     /// USD per code.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     amount: String,
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000)]
     count: u32,
     #[serde(default)]
     note: String,
@@ -199,6 +221,20 @@ fn one() -> u32 {
 }
 
 /// Mints `count` codes worth `amount` each; the codes are in this answer only.
+#[utoipa::path(
+    post,
+    path = "/api/admin/redemption-codes",
+    operation_id = "adminMintRedemptionCodes",
+    tag = "admin",
+    request_body = CodesBody,
+    responses(
+        (status = 201, description = "The codes, shown this once", body = crate::openapi::MintedCodes),
+        (status = 400, description = "Invalid body (`count` 1 to 1000, positive `amount`)"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn mint_codes(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -239,7 +275,7 @@ pub async fn mint_codes(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedeemBody {
     code: String,
@@ -250,6 +286,22 @@ pub struct RedeemBody {
 
 /// Marks the code used and publishes the credit inside one transaction: the row commits
 /// only after JetStream acknowledged the credit, so a code is never spent without credit.
+#[utoipa::path(
+    post,
+    path = "/api/redeem",
+    operation_id = "redeemCode",
+    tag = "accounts",
+    request_body = RedeemBody,
+    responses(
+        (status = 200, description = "Credited", body = crate::openapi::Redeemed),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 404, description = "No such code (or it was used or expired), or no such key of the caller's"),
+        (status = 503, description = "The event log is unavailable; the code was not spent"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn redeem(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,

@@ -1,6 +1,6 @@
 //! `/api/admin/keys` (any user's keys, or keys of no user) and `/api/admin/users`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
@@ -15,17 +15,37 @@ use crate::accounts::{
 };
 use crate::auth::Admin;
 use crate::error::ApiError;
-use crate::routes::body::{double_option, ApiJson};
+use crate::routes::body::{double_option, ApiJson, ApiQuery};
 use crate::routes::keys::{self, parse_id, CreateKey, KeyView, Scope, UpdateKey};
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct KeyFilter {
     #[serde(default)]
     user_id: Option<Uuid>,
 }
 
+/// Create a key for any user, or for no user
+///
+/// Admins may set `group`, `quota` (USD; null = no cap) and `user_id`. The answer is the
+/// only time the key itself is shown.
+#[utoipa::path(
+    post,
+    path = "/api/admin/keys",
+    operation_id = "adminCreateKey",
+    tag = "admin",
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, with the secret shown once", body = crate::openapi::CreatedKey),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such user"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn create(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -34,14 +54,44 @@ pub async fn create(
     keys::create(&state, Scope::Admin, body).await
 }
 
+/// Every key, or one user's
+#[utoipa::path(
+    get,
+    path = "/api/admin/keys",
+    operation_id = "adminListKeys",
+    tag = "admin",
+    params(KeyFilter),
+    responses(
+        (status = 200, description = "The keys, newest first", body = crate::openapi::KeyList),
+        (status = 400, description = "Invalid query"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list(
     _: Admin,
     State(state): State<Arc<AppState>>,
-    Query(filter): Query<KeyFilter>,
+    ApiQuery(filter): ApiQuery<KeyFilter>,
 ) -> Result<Json<Value>, ApiError> {
     keys::list(&state, Scope::Admin, filter.user_id).await
 }
 
+/// Any key
+#[utoipa::path(
+    get,
+    path = "/api/admin/keys/{id}",
+    operation_id = "adminGetKey",
+    tag = "admin",
+    params(("id" = String, Path, description = "The key id (a UUID)")),
+    responses(
+        (status = 200, description = "The key", body = KeyView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such key"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn get(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -50,6 +100,25 @@ pub async fn get(
     Ok(Json(keys::get(&state, Scope::Admin, parse_id(&id)?).await?))
 }
 
+/// Change any key
+///
+/// Absent fields stay; `null` clears `expires_at`, `rpm`, `tpm` and `quota`.
+#[utoipa::path(
+    patch,
+    path = "/api/admin/keys/{id}",
+    operation_id = "adminUpdateKey",
+    tag = "admin",
+    params(("id" = String, Path, description = "The key id (a UUID)")),
+    request_body = UpdateKey,
+    responses(
+        (status = 200, description = "The key as changed", body = KeyView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such key"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn update(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -59,6 +128,21 @@ pub async fn update(
     keys::update(&state, Scope::Admin, parse_id(&id)?, body).await
 }
 
+/// Revoke any key
+#[utoipa::path(
+    delete,
+    path = "/api/admin/keys/{id}",
+    operation_id = "adminRevokeKey",
+    tag = "admin",
+    params(("id" = String, Path, description = "The key id (a UUID)")),
+    responses(
+        (status = 200, description = "The key, revoked", body = KeyView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such key"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn revoke(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -67,15 +151,19 @@ pub async fn revoke(
     keys::revoke(&state, Scope::Admin, parse_id(&id)?).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     name: String,
     #[serde(default)]
+    #[schema(max_length = 254, pattern = "@")]
     email: Option<String>,
     #[serde(default)]
+    #[schema(min_length = 8, max_length = 256)]
     password: Option<String>,
     #[serde(default = "default_role")]
+    #[schema(value_type = crate::openapi::Role)]
     role: String,
     #[serde(default)]
     group: Option<String>,
@@ -86,6 +174,21 @@ fn default_role() -> String {
 }
 
 /// Creates a user of any role: with `SLUICE_ADMIN_TOKEN` this is how the first admin is made.
+#[utoipa::path(
+    post,
+    path = "/api/admin/users",
+    operation_id = "adminCreateUser",
+    tag = "admin",
+    request_body = CreateUserBody,
+    responses(
+        (status = 201, description = "The user", body = crate::accounts::UserView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 409, description = "The name or email is taken"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn create_user_route(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -108,6 +211,19 @@ pub async fn create_user_route(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
+/// Every user
+#[utoipa::path(
+    get,
+    path = "/api/admin/users",
+    operation_id = "adminListUsers",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The users, oldest first", body = crate::openapi::UserList),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list_users(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -121,22 +237,41 @@ pub async fn list_users(
     Ok(Json(json!({ "data": users })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUserBody {
     #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::Role>)]
     role: Option<String>,
     #[serde(default)]
     group: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(minimum = 1, maximum = 2147483647)]
     rpm: Option<Option<u32>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(minimum = 1, maximum = 2147483647)]
     tpm: Option<Option<u32>>,
     #[serde(default)]
     disabled: Option<bool>,
 }
 
 /// Role, group, per-user RPM/TPM (shared by all their keys) and disabling a user.
+#[utoipa::path(
+    patch,
+    path = "/api/admin/users/{id}",
+    operation_id = "adminUpdateUser",
+    tag = "admin",
+    params(("id" = String, Path, description = "The user id (a UUID)")),
+    request_body = UpdateUserBody,
+    responses(
+        (status = 200, description = "The user as changed", body = crate::accounts::UserView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such user"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn update_user(
     _: Admin,
     State(state): State<Arc<AppState>>,

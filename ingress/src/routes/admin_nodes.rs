@@ -31,13 +31,14 @@ pub fn router() -> Router<Arc<AppState>> {
 }
 
 /// A node as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     id: Uuid,
     name: String,
     /// The channel name its requests are recorded under (`AttemptStarted`, `CompletionFinished`).
     channel: String,
     version: String,
+    #[schema(value_type = Vec<crate::openapi::ServedModel>)]
     models: Vec<ServedModel>,
     max_parallel: u32,
     /// Calls running on the node, as of its last heartbeat.
@@ -53,13 +54,14 @@ pub struct NodeView {
 }
 
 /// The workers' view of the node's channel.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct NodeHealth {
     /// `healthy`, `banned` (the breaker keeps it out of routing until `banned_until`), or
     /// `probing` (the ban ran out; the next call decides).
     status: &'static str,
     banned_until: Option<DateTime<Utc>>,
     /// The failure kind behind the current ban.
+    #[schema(value_type = Option<crate::openapi::ErrorKindDoc>)]
     ban_kind: Option<ErrorKind>,
     /// Calls the live workers have in flight on it.
     routed_in_flight: u32,
@@ -94,7 +96,6 @@ fn view(record: &NodeRecord) -> NodeView {
 /// Reads bans and routed loads of `views` from the health bucket. Best effort: without
 /// the bucket (no worker ever ran) or while NATS is away, every node shows as healthy.
 async fn attach_health(state: &AppState, views: &mut [NodeView]) {
-    use futures::StreamExt;
     let Ok(kv) = state
         .js
         .get_key_value(state.ns.channel_health_bucket())
@@ -104,22 +105,27 @@ async fn attach_health(state: &AppState, views: &mut [NodeView]) {
     };
     let now = now_ms();
     let mut routed: HashMap<Uuid, u32> = HashMap::new();
-    if let Ok(keys) = kv.keys().await {
-        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
-        for key in keys.iter().filter(|k| k.starts_with("load.")) {
-            let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
-                continue;
-            };
-            let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
-                continue;
-            };
-            // A worker that stopped heartbeating (every 2 s) is not calling anything.
-            if load.at_ms + 6_000 < now {
-                continue;
+    let load_keys =
+        match workers::kv_keys::list_keys(&kv, "load.", workers::kv_keys::LIST_TIMEOUT).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "routed in-flight counts left out of the node listing");
+                Vec::new()
             }
-            for (id, n) in load.in_flight {
-                *routed.entry(id).or_default() += n;
-            }
+        };
+    for key in &load_keys {
+        let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
+            continue;
+        };
+        let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
+            continue;
+        };
+        // A worker that stopped heartbeating (every 2 s) is not calling anything.
+        if load.at_ms + 6_000 < now {
+            continue;
+        }
+        for (id, n) in load.in_flight {
+            *routed.entry(id).or_default() += n;
         }
     }
     for view in views.iter_mut() {
@@ -140,6 +146,21 @@ async fn attach_health(state: &AppState, views: &mut [NodeView]) {
     }
 }
 
+/// The remote worker nodes attached now
+///
+/// With the models they serve, their load and their health.
+#[utoipa::path(
+    get,
+    path = "/api/admin/nodes",
+    operation_id = "adminListNodes",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The live nodes", body = crate::openapi::NodeList),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value> {
     let nodes = state.directory.nodes();
     let mut data: Vec<NodeView> = nodes.nodes.iter().map(view).collect();
@@ -147,6 +168,21 @@ pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "data": data }))
 }
 
+/// One live remote worker node
+#[utoipa::path(
+    get,
+    path = "/api/admin/nodes/{id}",
+    operation_id = "adminGetNode",
+    tag = "admin",
+    params(("id" = String, Path, description = "The node id (a UUID)")),
+    responses(
+        (status = 200, description = "The node", body = NodeView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No live node has this id"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn get_one(
     _: Admin,
     State(state): State<Arc<AppState>>,

@@ -3,7 +3,7 @@
 //! it into the `prices` read model, so requests are billed at the price in force when they
 //! happened, and the ingress picks it up for quota estimates at its next refresh.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -18,36 +18,55 @@ use schemas::Nanos;
 use crate::accounts::{db_error, AccountError};
 use crate::auth::Admin;
 use crate::error::ApiError;
-use crate::routes::body::ApiJson;
+use crate::routes::body::{ApiJson, ApiQuery};
 use crate::routes::keys::{usd, usd_opt};
 use crate::state::AppState;
 
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct PriceView {
     model: String,
     effective_at: DateTime<Utc>,
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     input_per_mtok: i64,
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     output_per_mtok: i64,
     #[serde(serialize_with = "usd_opt")]
+    #[schema(value_type = Option<String>, required = true)]
     cached_input_per_mtok: Option<i64>,
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     per_request: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PriceFilter {
     #[serde(default)]
     model: Option<String>,
 }
 
 /// Every price row, newest first per model.
+#[utoipa::path(
+    get,
+    path = "/api/admin/prices",
+    operation_id = "adminListPrices",
+    tag = "admin",
+    params(PriceFilter),
+    responses(
+        (status = 200, description = "Every price row (USD, decimal strings)", body = crate::openapi::PriceList),
+        (status = 400, description = "Invalid query"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list(
     _: Admin,
     State(state): State<Arc<AppState>>,
-    Query(filter): Query<PriceFilter>,
+    ApiQuery(filter): ApiQuery<PriceFilter>,
 ) -> Result<Json<Value>, ApiError> {
     let prices: Vec<PriceView> = sqlx::query_as(
         "SELECT model, effective_at, input_per_mtok, output_per_mtok, cached_input_per_mtok, per_request
@@ -63,6 +82,17 @@ pub async fn list(
 
 /// `GET /api/prices` for any signed-in caller: the prices this gateway charges now (as
 /// its quota estimates see them; billing uses the price in force when a request ran).
+#[utoipa::path(
+    get,
+    path = "/api/prices",
+    operation_id = "listPrices",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The prices in force now (USD, decimal strings)", body = crate::openapi::CurrentPriceList),
+        (status = 401, description = "Missing or invalid credentials"),
+    ),
+    security(("api_key" = []), ("x_api_key" = []), ("session_token" = [])),
+)]
 pub async fn current(
     State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
@@ -97,23 +127,47 @@ pub async fn current(
     Ok(Json(json!({ "data": data })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetPrice {
+    #[schema(min_length = 1, pattern = r"\S")]
     model: String,
     /// USD per million tokens, decimal strings.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     input_per_mtok: String,
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     output_per_mtok: String,
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     cached_input_per_mtok: Option<String>,
     /// USD per request.
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     per_request: Option<String>,
     /// Default: now.
     #[serde(default)]
     effective_at: Option<DateTime<Utc>>,
 }
 
+/// Set a model's price from an instant on
+///
+/// Appends a `PriceSet` event; billing applies it. Prices are decimal USD strings per
+/// million tokens (`per_request`: per request).
+#[utoipa::path(
+    method(put, post),
+    path = "/api/admin/prices",
+    operation_id = "adminSetPrice",
+    tag = "admin",
+    request_body = SetPrice,
+    responses(
+        (status = 202, description = "Recorded; billing applies it", body = crate::openapi::PriceSetResult),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn set(
     _: Admin,
     State(state): State<Arc<AppState>>,

@@ -19,19 +19,19 @@ use crate::state::AppState;
 /// Projectors every deployment runs (`sluice billing`, `sluice projector`).
 const EXPECTED: &[&str] = &["billing", "requests", "conversations"];
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectionsReport {
     pub head: Head,
     pub projections: Vec<ProjectionLag>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Head {
     pub position: i64,
     pub recorded_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ProjectionLag {
     pub name: String,
     pub position: i64,
@@ -41,6 +41,19 @@ pub struct ProjectionLag {
     pub lag_seconds: f64,
 }
 
+/// How far behind the event log each projector is
+#[utoipa::path(
+    get,
+    path = "/api/admin/projections",
+    operation_id = "adminListProjections",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The log head and each projector's checkpoint and lag", body = ProjectionsReport),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list(
     _admin: Admin,
     State(state): State<Arc<AppState>>,

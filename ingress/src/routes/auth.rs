@@ -19,15 +19,36 @@ use crate::jwt;
 use crate::routes::body::ApiJson;
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     name: String,
     #[serde(default)]
+    #[schema(max_length = 254, pattern = "@")]
     email: Option<String>,
+    #[schema(min_length = 8, max_length = 256)]
     password: String,
 }
 
+/// Register a user and sign in
+///
+/// Needs sign-in on (`SLUICE_JWT_SECRET`, or `SLUICE_SECRET_KEY` it derives from; 503
+/// without). The user gets the `user` role and the `default` group.
+#[utoipa::path(
+    post,
+    path = "/api/auth/register",
+    operation_id = "register",
+    tag = "accounts",
+    request_body = RegisterBody,
+    responses(
+        (status = 201, description = "Registered; a session token", body = crate::openapi::SessionToken),
+        (status = 400, description = "Invalid name, email or password (8 characters or more)"),
+        (status = 409, description = "The name or email is taken"),
+        (status = 503, description = "Sign-in is off (neither `SLUICE_JWT_SECRET` nor `SLUICE_SECRET_KEY`)"),
+    ),
+    security(()),
+)]
 pub async fn register(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<RegisterBody>,
@@ -54,11 +75,12 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(session(token, &user))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     /// Email or user name.
     #[serde(alias = "email", alias = "name")]
+    #[schema(min_length = 1)]
     login: String,
     password: String,
 }
@@ -78,6 +100,21 @@ static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
         .unwrap_or_default()
 });
 
+/// Sign in with a name or email and a password
+#[utoipa::path(
+    post,
+    path = "/api/auth/login",
+    operation_id = "login",
+    tag = "accounts",
+    request_body = LoginBody,
+    responses(
+        (status = 200, description = "A session token", body = crate::openapi::SessionToken),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Incorrect login or password"),
+        (status = 503, description = "Sign-in is off (neither `SLUICE_JWT_SECRET` nor `SLUICE_SECRET_KEY`)"),
+    ),
+    security(()),
+)]
 pub async fn login(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<LoginBody>,
@@ -122,6 +159,19 @@ pub async fn load_user(state: &AppState, id: uuid::Uuid) -> Result<UserView, Acc
         .ok_or(AccountError::NotFound("user"))
 }
 
+/// The calling user
+#[utoipa::path(
+    get,
+    path = "/api/me",
+    operation_id = "getMe",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The user", body = crate::accounts::UserView),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn me(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -129,15 +179,30 @@ pub async fn me(
     Ok(Json(load_user(&state, caller.user_id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordBody {
     current_password: String,
+    #[schema(min_length = 8, max_length = 256)]
     new_password: String,
 }
 
 /// Changes the password (the current one is required, whatever the credential used) and
 /// invalidates every session token issued before; answers with a fresh token.
+#[utoipa::path(
+    method(put, post),
+    path = "/api/me/password",
+    operation_id = "changePassword",
+    tag = "accounts",
+    request_body = PasswordBody,
+    responses(
+        (status = 200, description = "Changed; a fresh session token (older ones stop working)", body = crate::openapi::SessionToken),
+        (status = 400, description = "The new password is too short or too long"),
+        (status = 401, description = "Missing or invalid credentials, or the current password is wrong"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn change_password(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,

@@ -1,5 +1,6 @@
 //! `ApiJson`: axum's `Json` with rejections in our error shape (400 naming the problem,
-//! 413 for an oversized body) instead of axum's plain-text ones.
+//! 413 for an oversized body) instead of axum's plain-text ones; `ApiQuery` likewise for
+//! query strings. Both refuse text holding NUL characters, which Postgres cannot store.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
@@ -18,6 +19,19 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // `guard` has already read the body within the limits; this takes that buffer.
+        let (parts, body) = req.into_parts();
+        let bytes =
+            axum::body::to_bytes(body, usize::MAX)
+                .await
+                .map_err(|e| AccountError::Invalid {
+                    message: format!("the request body could not be read: {e}"),
+                    param: None,
+                })?;
+        if has_nul_escape(&bytes) {
+            return Err(nul_refused().into());
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -32,6 +46,69 @@ where
             .into()),
         }
     }
+}
+
+/// `ApiQuery`: axum's `Query` with a bad query string answered as a JSON 400 naming the
+/// problem, like [`ApiJson`], instead of axum's plain-text rejection.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        if query.contains("%00") {
+            return Err(nul_refused().into());
+        }
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(AccountError::Invalid {
+                message: rejection.body_text(),
+                param: None,
+            }
+            .into()),
+        }
+    }
+}
+
+/// Text with a NUL character is refused (400) before it reaches Postgres, which cannot
+/// store NUL in text and would fail the query (a 500).
+fn nul_refused() -> AccountError {
+    AccountError::Invalid {
+        message: "text may not contain NUL characters (`\\u0000`)".into(),
+        param: None,
+    }
+}
+
+/// Whether a JSON text has a string holding a NUL character, i.e. the escape `\u0000`
+/// inside a string (a raw NUL byte is not valid JSON at all). Escapes are followed pair
+/// by pair, so an escaped backslash before `u0000` is not mistaken for one.
+pub fn has_nul_escape(bytes: &[u8]) -> bool {
+    let mut in_string = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        match (in_string, bytes[i]) {
+            (true, b'\\') => {
+                if bytes.get(i + 1) == Some(&b'u') && bytes.get(i + 2..i + 6) == Some(b"0000") {
+                    return true;
+                }
+                i += 2;
+                continue;
+            }
+            (true, b'"') => in_string = false,
+            (false, b'"') => in_string = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// For PATCH bodies: tells "absent" (`None`) from "set to null" (`Some(None)`).
@@ -221,6 +298,17 @@ pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), schemas::wo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_escapes_are_found_in_strings_only() {
+        assert!(has_nul_escape(br#"{"name":"a\u0000b"}"#));
+        assert!(has_nul_escape(br#"{"a\u0000":1}"#));
+        assert!(!has_nul_escape(br#"{"name":"a\\u0000b"}"#));
+        assert!(has_nul_escape(br#"{"name":"a\\\u0000b"}"#));
+        assert!(has_nul_escape(br#"{"name":"\u00001"}"#));
+        assert!(!has_nul_escape(br#"{"name":"\u0001","n":0}"#));
+        assert!(!has_nul_escape(br#"{"s":"\"","u0000":0}"#));
+    }
 
     #[test]
     fn json_text_checks_name_the_problem() {

@@ -42,7 +42,7 @@ use crate::state::AppState;
     responses(
         (status = 200, description = "The completion, or its stream", content(
             (crate::openapi::ChatCompletion = "application/json"),
-            (String = "text/event-stream"),
+            (crate::openapi::SseEvent = "text/event-stream"),
         )),
         (status = 400, description = "Invalid body"),
         (status = 401, description = "Missing or invalid API key"),

@@ -63,6 +63,10 @@ pub async fn upstream(
     body: &Value,
     headers: &HeaderMap,
 ) -> Option<Response> {
+    // No channel serves a name with NUL in it (and Postgres cannot even compare one).
+    if model.contains('\0') {
+        return None;
+    }
     let (base, sealed, upstream_model) = match channel(state, group, model).await {
         Ok(found) => found?,
         Err(e) => {

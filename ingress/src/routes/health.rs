@@ -9,10 +9,29 @@ use std::sync::Arc;
 
 use crate::state::AppState;
 
+/// Liveness: the process is up
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "ops",
+    responses((status = 200, description = "Alive", body = crate::openapi::HealthStatus)),
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Readiness: NATS is connected and keys and models have loaded
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = crate::openapi::Readiness),
+        (status = 503, description = "Not ready (yet)", body = crate::openapi::Readiness),
+    ),
+)]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     let nats = matches!(
         state.nats.connection_state(),

@@ -40,7 +40,7 @@ impl Scope {
 }
 
 /// A key as the API shows it: never the key or its hash.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct KeyView {
     pub id: Uuid,
     pub user_id: Option<Uuid>,
@@ -51,6 +51,7 @@ pub struct KeyView {
     /// USD; null = no cap. A key without a user spends quota + credits (null: unlimited);
     /// a key with a user spends the user's balance and plan, at most `quota` + credits.
     #[serde(serialize_with = "usd_opt")]
+    #[schema(value_type = Option<String>)]
     pub quota: Option<i64>,
     pub rpm: Option<i32>,
     pub tpm: Option<i32>,
@@ -60,9 +61,11 @@ pub struct KeyView {
     pub created_at: DateTime<Utc>,
     /// Credits granted to the key, USD.
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     pub credits: i64,
     /// Spent as projected by billing, USD.
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     pub spent: i64,
 }
 
@@ -85,22 +88,26 @@ pub const KEY_SELECT: &str =
      FROM api_keys k LEFT JOIN key_balances b ON b.key_id = k.id";
 
 /// What creating a key may set; `group` and `quota` only for admins.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     pub name: String,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub allowed_models: Vec<String>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub rpm: Option<u32>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub tpm: Option<u32>,
     #[serde(default)]
     pub group: Option<String>,
     /// USD; absent or null = no cap (admins only; see [`KeyView::quota`]).
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub quota: Option<String>,
     /// Admins only: the owner.
     #[serde(default)]
@@ -108,22 +115,26 @@ pub struct CreateKey {
 }
 
 /// A PATCH: absent fields stay, `null` clears.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
     pub expires_at: Option<Option<DateTime<Utc>>>,
     #[serde(default)]
     pub allowed_models: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub rpm: Option<Option<u32>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub tpm: Option<Option<u32>>,
     #[serde(default)]
     pub group: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub quota: Option<Option<String>>,
 }
 
@@ -391,6 +402,24 @@ async fn refresh(state: &AppState) {
 
 // ---- handlers of /api/keys ----
 
+/// Create one of the caller's API keys
+///
+/// The answer is the only time the key itself is shown. `group`, `quota` and `user_id`
+/// are an admin's to set.
+#[utoipa::path(
+    post,
+    path = "/api/keys",
+    operation_id = "createKey",
+    tag = "accounts",
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, with the secret shown once", body = crate::openapi::CreatedKey),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn create_own(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -399,6 +428,19 @@ pub async fn create_own(
     create(&state, Scope::Owner(caller.user_id), body).await
 }
 
+/// The caller's API keys
+#[utoipa::path(
+    get,
+    path = "/api/keys",
+    operation_id = "listKeys",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The keys, newest first", body = crate::openapi::KeyList),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn list_own(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -406,6 +448,21 @@ pub async fn list_own(
     list(&state, Scope::Owner(caller.user_id), None).await
 }
 
+/// One of the caller's API keys
+#[utoipa::path(
+    get,
+    path = "/api/keys/{id}",
+    operation_id = "getKey",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The key id (a UUID)")),
+    responses(
+        (status = 200, description = "The key", body = KeyView),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 404, description = "No such key of the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn get_own(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -415,6 +472,25 @@ pub async fn get_own(
     Ok(Json(get(&state, Scope::Owner(caller.user_id), id).await?))
 }
 
+/// Change one of the caller's API keys
+///
+/// Absent fields stay; `null` clears `expires_at`, `rpm` and `tpm`.
+#[utoipa::path(
+    patch,
+    path = "/api/keys/{id}",
+    operation_id = "updateKey",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The key id (a UUID)")),
+    request_body = UpdateKey,
+    responses(
+        (status = 200, description = "The key as changed", body = KeyView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 404, description = "No such key of the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn update_own(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -425,6 +501,23 @@ pub async fn update_own(
     update(&state, Scope::Owner(caller.user_id), id, body).await
 }
 
+/// Revoke one of the caller's API keys
+///
+/// Revoking twice answers the same.
+#[utoipa::path(
+    delete,
+    path = "/api/keys/{id}",
+    operation_id = "revokeKey",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The key id (a UUID)")),
+    responses(
+        (status = 200, description = "The key, revoked", body = KeyView),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 404, description = "No such key of the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn revoke_own(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,

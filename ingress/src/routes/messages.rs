@@ -30,6 +30,31 @@ use crate::state::AppState;
 use super::chat;
 use super::named::{self, Surface};
 
+/// Create a message (Anthropic-compatible)
+///
+/// The body is forwarded verbatim (`anthropic-beta` headers reach Anthropic channels);
+/// Sluice reads `model`, `max_tokens`, `messages`, `system` and `stream`. With
+/// `stream: true` the answer is Anthropic's named server-sent events, resumable through
+/// `GET /v1/streams/{id}`. Errors are in Anthropic's shape; overload is 529.
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    operation_id = "createMessage",
+    tag = "anthropic",
+    request_body = crate::openapi::MessagesRequest,
+    responses(
+        (status = 200, description = "The message, or its stream", content(
+            (crate::openapi::AnthropicMessage = "application/json"),
+            (crate::openapi::SseEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 529, description = "Overloaded: no channel or queue available now"),
+    ),
+    security(("x_api_key" = []), ("api_key" = [])),
+)]
 pub async fn messages(
     State(state): State<Arc<AppState>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -83,6 +108,19 @@ async fn create(
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`. When an Anthropic channel
 /// serves the model, Anthropic counts (exactly, `anthropic-beta` forwarded); otherwise
 /// Sluice's tokenizer estimates (system, messages and tools).
+#[utoipa::path(
+    post,
+    path = "/v1/messages/count_tokens",
+    operation_id = "countMessageTokens",
+    tag = "anthropic",
+    request_body = crate::openapi::CountTokensRequest,
+    responses(
+        (status = 200, description = "The prompt's token count", body = crate::openapi::InputTokens),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid API key"),
+    ),
+    security(("x_api_key" = []), ("api_key" = [])),
+)]
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

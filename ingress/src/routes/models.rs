@@ -16,6 +16,20 @@ fn model_object(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "sluice"})
 }
 
+/// List the models the caller may use
+///
+/// The models of enabled shared channels, plus the caller's own personal channels'.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "listModels",
+    tag = "openai",
+    responses(
+        (status = 200, description = "The models", body = crate::openapi::ModelList),
+        (status = 401, description = "Missing or invalid API key"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -30,6 +44,20 @@ pub async fn list(
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+/// Get one model
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    operation_id = "getModel",
+    tag = "openai",
+    params(("id" = String, Path, description = "The model name")),
+    responses(
+        (status = 200, description = "The model", body = crate::openapi::Model),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 404, description = "Unknown model, or not served to this caller"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -51,7 +51,7 @@ pub fn config_plan_id(name: &str) -> Uuid {
 }
 
 /// A plan as the API shows it.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct PlanView {
     #[sqlx(rename = "plan_id")]
     pub id: Uuid,
@@ -59,6 +59,7 @@ pub struct PlanView {
     /// USD per calendar month (UTC).
     #[sqlx(rename = "quota_nanos")]
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     pub quota: i64,
     /// Models the plan pays for; empty = every model.
     pub models: Vec<String>,
@@ -203,11 +204,13 @@ async fn refresh(state: &AppState) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePlan {
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: String,
     /// USD per calendar month.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     quota: String,
     #[serde(default)]
     models: Vec<String>,
@@ -215,6 +218,27 @@ pub struct CreatePlan {
     public: bool,
 }
 
+/// Create a plan
+///
+/// A monthly quota (USD) and a model allow-list (empty = every model). Public plans may be
+/// picked by users themselves. 202 when billing has not applied it within a few seconds.
+#[utoipa::path(
+    post,
+    path = "/api/admin/plans",
+    operation_id = "adminCreatePlan",
+    tag = "admin",
+    request_body = CreatePlan,
+    responses(
+        (status = 201, description = "The plan", body = PlanView),
+        (status = 202, description = "Recorded; billing applies it shortly", body = PlanView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 409, description = "A plan of that name exists"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn create(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -238,6 +262,19 @@ pub async fn create(
     configure(&state, event, by, StatusCode::CREATED, 0).await
 }
 
+/// Every plan
+#[utoipa::path(
+    get,
+    path = "/api/admin/plans",
+    operation_id = "adminListPlans",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The plans", body = crate::openapi::PlanList),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let plans: Vec<PlanView> = sqlx::query_as(&format!("{PLAN_SELECT} ORDER BY p.name, p.plan_id"))
         .fetch_all(&state.pool)
@@ -246,6 +283,21 @@ pub async fn list(_: Admin, State(state): State<Arc<AppState>>) -> Result<Json<V
     Ok(Json(json!({ "data": plans })))
 }
 
+/// One plan
+#[utoipa::path(
+    get,
+    path = "/api/admin/plans/{id}",
+    operation_id = "adminGetPlan",
+    tag = "admin",
+    params(("id" = String, Path, description = "The plan id (a UUID)")),
+    responses(
+        (status = 200, description = "The plan", body = PlanView),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such plan"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn get(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -259,12 +311,14 @@ pub async fn get(
 }
 
 /// A PATCH: absent fields stay.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatePlan {
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: Option<String>,
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     quota: Option<String>,
     #[serde(default)]
     models: Option<Vec<String>>,
@@ -272,6 +326,28 @@ pub struct UpdatePlan {
     public: Option<bool>,
 }
 
+/// Change a plan
+///
+/// Absent fields stay.
+#[utoipa::path(
+    patch,
+    path = "/api/admin/plans/{id}",
+    operation_id = "adminUpdatePlan",
+    tag = "admin",
+    params(("id" = String, Path, description = "The plan id (a UUID)")),
+    request_body = UpdatePlan,
+    responses(
+        (status = 200, description = "The plan as changed", body = PlanView),
+        (status = 202, description = "Recorded; billing applies it shortly", body = PlanView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such plan"),
+        (status = 409, description = "A plan of that name exists"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn update(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -321,7 +397,7 @@ pub async fn update(
 }
 
 /// A user's plan this month, as `GET /api/me/plan` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PlanStatus {
     pub plan: Option<PlanView>,
     /// When the user got this plan.
@@ -329,14 +405,16 @@ pub struct PlanStatus {
     pub period: Period,
     /// What plans paid for the user this month (USD), whichever plan.
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     pub used: i64,
     /// What is left of the plan's quota this month (USD); "0" without a plan.
     #[serde(serialize_with = "usd")]
+    #[schema(value_type = String)]
     pub remaining: i64,
 }
 
 /// The current plan period: a calendar month in UTC, `end` exclusive.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Period {
     pub start: NaiveDate,
     pub end: NaiveDate,
@@ -417,7 +495,7 @@ async fn user_exists(state: &AppState, user: Uuid) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssignPlan {
     /// The plan, or null to end the user's plan.
@@ -426,6 +504,24 @@ pub struct AssignPlan {
 }
 
 /// `PUT /api/admin/users/{id}/plan`: an admin may assign any plan, public or not.
+#[utoipa::path(
+    put,
+    path = "/api/admin/users/{id}/plan",
+    operation_id = "adminAssignPlan",
+    tag = "admin",
+    params(("id" = String, Path, description = "The user id (a UUID)")),
+    request_body = AssignPlan,
+    responses(
+        (status = 200, description = "The user's plan status", body = PlanStatus),
+        (status = 202, description = "Recorded; billing applies it shortly", body = PlanStatus),
+        (status = 400, description = "Invalid body (`plan_id` is required; null ends the plan)"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such user or plan"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn assign(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -447,6 +543,21 @@ pub async fn assign(
     set_plan(&state, user, plan, by_user).await
 }
 
+/// A user's plan this month
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/{id}/plan",
+    operation_id = "adminGetUserPlan",
+    tag = "admin",
+    params(("id" = String, Path, description = "The user id (a UUID)")),
+    responses(
+        (status = 200, description = "The plan status", body = PlanStatus),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such user"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn user_status(
     _: Admin,
     State(state): State<Arc<AppState>>,
@@ -458,6 +569,18 @@ pub async fn user_status(
 }
 
 /// `GET /api/plans`: what the caller may pick, and the plan they have (even if not public).
+#[utoipa::path(
+    get,
+    path = "/api/plans",
+    operation_id = "listPlans",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The public plans and the caller's", body = crate::openapi::OfferedPlans),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn offered(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -496,6 +619,22 @@ pub async fn offered(
 
 /// `POST /api/plans/{id}/subscribe`: a user picks a public plan (replacing theirs). A plan
 /// that is not public is not found, as if it did not exist.
+#[utoipa::path(
+    post,
+    path = "/api/plans/{id}/subscribe",
+    operation_id = "subscribePlan",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The plan id (a UUID)")),
+    responses(
+        (status = 200, description = "The caller's plan status", body = PlanStatus),
+        (status = 202, description = "Recorded; billing applies it shortly", body = PlanStatus),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 404, description = "No such public plan"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn subscribe(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -509,6 +648,21 @@ pub async fn subscribe(
     set_plan(&state, caller.user_id, Some(plan.id), Some(caller.user_id)).await
 }
 
+/// The caller's plan this month
+///
+/// The plan, this month's period (UTC), used and remaining quota (USD).
+#[utoipa::path(
+    get,
+    path = "/api/me/plan",
+    operation_id = "getMyPlan",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The plan status", body = PlanStatus),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn mine(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -517,6 +671,20 @@ pub async fn mine(
 }
 
 /// `DELETE /api/me/plan`: ends the caller's plan (nothing to do without one).
+#[utoipa::path(
+    delete,
+    path = "/api/me/plan",
+    operation_id = "leavePlan",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The caller's plan status", body = PlanStatus),
+        (status = 202, description = "Recorded; billing applies it shortly", body = PlanStatus),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn leave(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,

@@ -141,6 +141,29 @@ async fn handle(
     named::submit(&state, request_id, &caller, submission).await
 }
 
+/// Create a response (OpenAI Responses API)
+///
+/// Forwarded verbatim to channels that speak the Responses API, translated to a chat
+/// request for the others. With `stream: true` the answer is named server-sent events.
+#[utoipa::path(
+    post,
+    path = "/v1/responses",
+    operation_id = "createResponse",
+    tag = "openai",
+    request_body = crate::openapi::ResponsesRequest,
+    responses(
+        (status = 200, description = "The response, or its stream", content(
+            (crate::openapi::ResponseObject = "application/json"),
+            (crate::openapi::SseEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 503, description = "No channel serves the model now"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn responses(
     State(state): State<Arc<AppState>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -150,6 +173,23 @@ pub async fn responses(
     handle(state, request_id, headers, body, Api::Responses).await
 }
 
+/// Create embeddings (OpenAI-compatible)
+#[utoipa::path(
+    post,
+    path = "/v1/embeddings",
+    operation_id = "createEmbeddings",
+    tag = "openai",
+    request_body = crate::openapi::EmbeddingsRequest,
+    responses(
+        (status = 200, description = "The embeddings", body = crate::openapi::EmbeddingList),
+        (status = 400, description = "Invalid body (streaming is refused here)"),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 503, description = "No channel serves the model now"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -159,6 +199,23 @@ pub async fn embeddings(
     handle(state, request_id, headers, body, Api::Embeddings).await
 }
 
+/// Generate images (OpenAI-compatible)
+#[utoipa::path(
+    post,
+    path = "/v1/images/generations",
+    operation_id = "createImages",
+    tag = "openai",
+    request_body = crate::openapi::ImagesRequest,
+    responses(
+        (status = 200, description = "The images", body = crate::openapi::ImagesResponse),
+        (status = 400, description = "Invalid body (streaming is refused here)"),
+        (status = 401, description = "Missing or invalid API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 503, description = "No channel serves the model now"),
+    ),
+    security(("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn images(
     State(state): State<Arc<AppState>>,
     Extension(RequestId(request_id)): Extension<RequestId>,

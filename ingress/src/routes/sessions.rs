@@ -208,7 +208,7 @@ struct SessionRow {
 const SESSION_COLUMNS: &str = "session_id, title, model, system_prompt, created_at, updated_at";
 
 /// A session as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionView {
     pub id: Uuid,
     pub object: &'static str,
@@ -244,7 +244,7 @@ struct MessageRow {
     created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MessageView {
     pub id: Uuid,
     pub object: &'static str,
@@ -383,12 +383,14 @@ fn history_not_ready() -> ApiError {
 // ---------------------------------------------------------------------------------------
 // CRUD
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     title: Option<String>,
     #[serde(default)]
+    #[schema(min_length = 1, pattern = r"\S")]
     model: Option<String>,
     #[serde(default)]
     system: Option<String>,
@@ -428,6 +430,21 @@ fn non_empty(s: Option<String>) -> Option<String> {
 }
 
 /// `POST /api/sessions` `{"title"?, "model"?, "system"?}` → 201 and the session.
+#[utoipa::path(
+    post,
+    path = "/api/sessions",
+    operation_id = "createSession",
+    tag = "sessions",
+    request_body = CreateSession,
+    responses(
+        (status = 201, description = "The session", body = SessionView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "Unknown model"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn create(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -468,16 +485,32 @@ pub async fn create(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     #[serde(default)]
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
     #[serde(default)]
+    #[param(minimum = 0)]
     offset: Option<i64>,
 }
 
 /// `GET /api/sessions?limit=&offset=`: the caller's sessions, most recently active first.
+#[utoipa::path(
+    get,
+    path = "/api/sessions",
+    operation_id = "listSessions",
+    tag = "sessions",
+    params(ListParams),
+    responses(
+        (status = 200, description = "The caller's sessions, most recently active first", body = crate::openapi::SessionList),
+        (status = 400, description = "Invalid query (`limit` 1 to 200, `offset` 0 or more)"),
+        (status = 401, description = "Missing or invalid credentials"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn list(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -511,6 +544,19 @@ pub async fn list(
 }
 
 /// `GET /api/sessions/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}",
+    operation_id = "getSession",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    responses(
+        (status = 200, description = "The session", body = SessionView),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn get(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -520,13 +566,30 @@ pub async fn get(
     Ok(Json(row.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameSession {
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     title: String,
 }
 
 /// `PATCH /api/sessions/{id}` `{"title"}`.
+#[utoipa::path(
+    patch,
+    path = "/api/sessions/{id}",
+    operation_id = "renameSession",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    request_body = RenameSession,
+    responses(
+        (status = 200, description = "The session, renamed", body = SessionView),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn rename(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -553,6 +616,20 @@ pub async fn rename(
 }
 
 /// `DELETE /api/sessions/{id}` → 204; the session and its messages leave every read.
+#[utoipa::path(
+    delete,
+    path = "/api/sessions/{id}",
+    operation_id = "deleteSession",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's"),
+        (status = 503, description = "The event log is unavailable; nothing was recorded"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn delete(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -569,6 +646,19 @@ pub async fn delete(
 
 /// `GET /api/sessions/{id}/messages`: the turns in order (regenerated answers replace
 /// the ones they superseded).
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}/messages",
+    operation_id = "listSessionMessages",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    responses(
+        (status = 200, description = "The turns in order", body = crate::openapi::MessageList),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn messages(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -647,6 +737,19 @@ fn context_use(model: &str, system: Option<&str>, rows: &[MessageRow]) -> Value 
 /// `GET /api/sessions/{id}/usage`: totals over every round (chat turns and
 /// regenerations, cost as charged by the ledger so far), the last round, and the context
 /// the history uses now.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}/usage",
+    operation_id = "getSessionUsage",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    responses(
+        (status = 200, description = "Totals, the last round and the context used", body = crate::openapi::SessionUsage),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn usage(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -717,7 +820,7 @@ pub async fn usage(
 // ---------------------------------------------------------------------------------------
 // Chat and regenerate
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TurnOptions {
     /// The model of this turn; else the session's (for a regeneration, the answer's).
@@ -727,27 +830,47 @@ pub struct TurnOptions {
     #[serde(default)]
     system: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     max_tokens: Option<u64>,
     /// With a session token: which of the user's keys pays.
     #[serde(default)]
     key_id: Option<Uuid>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatBody {
+    #[schema(min_length = 1, pattern = r"\S")]
     content: String,
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
     system: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     max_tokens: Option<u64>,
     #[serde(default)]
     key_id: Option<Uuid>,
 }
 
 /// `POST /api/sessions/{id}/chat` `{"content", "model"?, "system"?, "max_tokens"?, "key_id"?}`.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/chat",
+    operation_id = "sessionChat",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    request_body = ChatBody,
+    responses(
+        (status = 200, description = "Server-sent events `start`, `content`, `usage`, `end`, `complete` (or `error`)", content_type = "text/event-stream", body = crate::openapi::SseEvent),
+        (status = 400, description = "Invalid body"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's, or unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 503, description = "The history is still being recorded, or no channel serves the model now"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn chat(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,
@@ -777,6 +900,23 @@ pub async fn chat(
 /// `POST /api/sessions/{id}/regenerate` `{"model"?, "system"?, "max_tokens"?, "key_id"?}`
 /// (or no body): answers the last user turn again; the new answer supersedes the last
 /// one once it completes.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/regenerate",
+    operation_id = "sessionRegenerate",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    request_body(content = Option<TurnOptions>, description = "Optional; an empty body regenerates with the session's settings"),
+    responses(
+        (status = 200, description = "Server-sent events, as for a chat turn", content_type = "text/event-stream", body = crate::openapi::SseEvent),
+        (status = 400, description = "Invalid body, or nothing to regenerate"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such session of the caller's, or unknown model"),
+        (status = 429, description = "Rate limit or quota reached"),
+        (status = 503, description = "The history is still being recorded, or no channel serves the model now"),
+    ),
+    security(("session_token" = []), ("api_key" = []), ("x_api_key" = [])),
+)]
 pub async fn regenerate(
     caller: SessionCaller,
     State(state): State<Arc<AppState>>,

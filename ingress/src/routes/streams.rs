@@ -254,6 +254,23 @@ fn last_event_id(headers: &HeaderMap) -> Result<u64, ApiError> {
 }
 
 /// `GET /v1/streams/{request_id}`: resume (with `Last-Event-ID`) or watch a stream.
+#[utoipa::path(
+    get,
+    path = "/v1/streams/{id}",
+    operation_id = "resumeStream",
+    tag = "streams",
+    params(
+        ("id" = String, Path, description = "The request id (`x-sluice-request-id` of the request)"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "The `id:` of the last event seen; absent = from the start"),
+    ),
+    responses(
+        (status = 200, description = "The stream's events after `Last-Event-ID`, then live, in the framing of the API the request came in on", content_type = "text/event-stream", body = crate::openapi::SseEvent),
+        (status = 400, description = "`Last-Event-ID` is not a whole number"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such streaming request of the caller's, or nothing left to replay"),
+    ),
+    security(("api_key" = []), ("x_api_key" = []), ("session_token" = [])),
+)]
 pub async fn resume(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -286,6 +303,19 @@ pub async fn resume(
 
 /// `POST /api/requests/{request_id}/cancel`: `{"request_id", "status"}` where status is
 /// `cancelling` (the worker stops it and ends the stream) or `finished` (nothing to stop).
+#[utoipa::path(
+    post,
+    path = "/api/requests/{id}/cancel",
+    operation_id = "cancelRequest",
+    tag = "streams",
+    params(("id" = String, Path, description = "The request id")),
+    responses(
+        (status = 200, description = "Cancelling, or already finished", body = crate::openapi::CancelResult),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 404, description = "No such request of the caller's"),
+    ),
+    security(("api_key" = []), ("x_api_key" = []), ("session_token" = [])),
+)]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,

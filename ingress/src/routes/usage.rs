@@ -9,7 +9,7 @@
 //! credits granted to them or to any of their keys, what the balance paid, what is left —
 //! and their plan this month.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::{Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -23,10 +23,12 @@ use schemas::Nanos;
 use crate::accounts::{db_error, AccountError, AuthUser};
 use crate::auth::Admin;
 use crate::error::ApiError;
+use crate::routes::body::ApiQuery;
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     #[serde(default)]
     from: Option<NaiveDate>,
@@ -97,10 +99,29 @@ struct Range {
     to: NaiveDate,
 }
 
+/// The caller's usage
+///
+/// Totals and breakdowns by day, model and key over UTC days `from`..=`to` (default: the
+/// last 30 days). Money is a decimal USD string.
+#[utoipa::path(
+    get,
+    path = "/api/usage",
+    operation_id = "getUsage",
+    tag = "accounts",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "The usage report", body = crate::openapi::UsageReport),
+        (status = 400, description = "Invalid query (`from` after `to`, unknown parameter)"),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+        (status = 404, description = "`key_id` or `user_id` is not the caller's"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn own(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
-    Query(q): Query<UsageQuery>,
+    ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     if q.user_id.is_some_and(|u| u != caller.user_id) {
         return Err(AccountError::NotFound("user").into());
@@ -118,10 +139,25 @@ pub async fn own(
     report(&state, Some(caller.user_id), q, false).await
 }
 
+/// Usage of everyone, one user or one key
+#[utoipa::path(
+    get,
+    path = "/api/admin/usage",
+    operation_id = "adminGetUsage",
+    tag = "admin",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "The usage report, with `by_user`", body = crate::openapi::UsageReport),
+        (status = 400, description = "Invalid query"),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn admin(
     _: Admin,
     State(state): State<Arc<AppState>>,
-    Query(q): Query<UsageQuery>,
+    ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let user = q.user_id;
     report(&state, user, q, true).await
@@ -221,6 +257,19 @@ async fn balance(state: &AppState, user: Uuid) -> Result<Json<Value>, ApiError> 
     })))
 }
 
+/// The caller's balance and plan
+#[utoipa::path(
+    get,
+    path = "/api/me/balance",
+    operation_id = "getBalance",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "Credits, spent, balance (USD) and the plan this month", body = crate::openapi::Balance),
+        (status = 401, description = "Missing or invalid credentials"),
+        (status = 403, description = "The API key belongs to no user"),
+    ),
+    security(("session_token" = []), ("api_key" = [])),
+)]
 pub async fn own_balance(
     State(state): State<Arc<AppState>>,
     caller: AuthUser,
@@ -228,6 +277,21 @@ pub async fn own_balance(
     balance(&state, caller.user_id).await
 }
 
+/// A user's balance and plan
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/{id}/balance",
+    operation_id = "adminGetUserBalance",
+    tag = "admin",
+    params(("id" = String, Path, description = "The user id (a UUID)")),
+    responses(
+        (status = 200, description = "Credits, spent, balance (USD) and the plan this month", body = crate::openapi::Balance),
+        (status = 401, description = "Missing credentials"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such user"),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn user_balance(
     _: Admin,
     State(state): State<Arc<AppState>>,

@@ -151,12 +151,25 @@ pub(super) fn stream_response(shared: &Arc<Shared>, w: SseWriter, plan: StreamPl
             if knobs.disconnect_after == Some(i) {
                 break;
             }
+            if knobs.stall_after == Some(i) {
+                // Silent, connection open, until the client gives up (or shutdown).
+                shutdown.cancelled().await;
+                guard.finish(StreamEnd::Disconnected);
+                yield Err(cut());
+                return;
+            }
             if i > 0 && !pause(&shutdown, knobs.chunk_delay_ms).await {
                 guard.finish(StreamEnd::Disconnected);
                 yield Err(cut());
                 return;
             }
             yield Ok(w.content(i));
+        }
+        if knobs.stall_after.is_some_and(|s| s >= n) && knobs.disconnect_after.is_none() {
+            shutdown.cancelled().await;
+            guard.finish(StreamEnd::Disconnected);
+            yield Err(cut());
+            return;
         }
         if knobs.disconnect_after.is_some() {
             // Let the server flush what was sent, then end the body with an error: the

@@ -128,6 +128,16 @@ pub enum Reply {
     Complete(serde_json::Value),
 }
 
+/// Why a channel gets no adapter: its type is unknown, or it is a personal channel whose
+/// `base_url` is not a public address ([`crate::egress`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelSetupError {
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedChannelType),
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
+}
+
 /// An adapter, selected per channel.
 #[derive(Debug, Clone)]
 pub enum Adapter {
@@ -139,11 +149,27 @@ pub enum Adapter {
 impl Adapter {
     /// The adapter for a channel: `anthropic`, `gemini`, or an OpenAI-compatible preset (`openai`,
     /// `azure`, `deepseek`, ..., and `mock`, the built-in mock upstream).
-    /// `http` is the shared client; cloning it is cheap.
+    /// `http` is the shared client; cloning it is cheap. A personal channel restricted to
+    /// public addresses ([`crate::egress::restricted`]) gets the egress-guarded client
+    /// instead, after its URL's literal IP, if any, is checked.
     pub fn for_channel(
         channel: &Channel,
         http: &reqwest::Client,
-    ) -> Result<Adapter, UnsupportedChannelType> {
+    ) -> Result<Adapter, ChannelSetupError> {
+        let guarded;
+        let http = if crate::egress::restricted(channel) {
+            let url = crate::egress::effective_base_url(
+                &channel.channel_type,
+                channel.base_url.as_deref(),
+            );
+            if let Some(url) = url {
+                crate::egress::check_literal(url)?;
+            }
+            guarded = crate::egress::public_client()?;
+            &guarded
+        } else {
+            http
+        };
         match channel.channel_type.as_str() {
             anthropic::PROVIDER_TYPE => Ok(Adapter::Anthropic(anthropic::AnthropicAdapter::new(
                 http.clone(),
@@ -154,7 +180,7 @@ impl Adapter {
                     http.clone(),
                     preset,
                 ))),
-                None => Err(UnsupportedChannelType(other.to_owned())),
+                None => Err(UnsupportedChannelType(other.to_owned()).into()),
             },
         }
     }

@@ -182,15 +182,17 @@ pub fn build_body(
     out.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut out, upstream_model)?;
     let mut client_had_stream = false;
+    let mut client_streams = false;
     let mut client_options = None;
     for (key, value) in body.fields() {
         match key {
             "model" => continue,
             "stream" => {
                 client_had_stream = true;
+                client_streams = value.get().trim() == "true";
                 continue;
             }
-            "stream_options" if stream || !quirks.stream_options => {
+            "stream_options" => {
                 client_options = Some(value);
                 continue;
             }
@@ -216,8 +218,16 @@ pub fn build_body(
             .unwrap_or_default();
         options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
         serde_json::to_writer(&mut out, &options)?;
-    } else if client_had_stream {
-        out.extend_from_slice(b",\"stream\":false");
+    } else {
+        // A plain client's own `stream_options` passes through (the provider judges it);
+        // a stream request retried without streaming (`handler::whole`) must not carry it.
+        if let Some(options) = client_options.filter(|_| quirks.stream_options && !client_streams) {
+            out.extend_from_slice(b",\"stream_options\":");
+            out.extend_from_slice(options.get().as_bytes());
+        }
+        if client_had_stream {
+            out.extend_from_slice(b",\"stream\":false");
+        }
     }
     out.push(b'}');
     Ok(out)
@@ -380,6 +390,26 @@ mod tests {
             true,
         );
         assert_eq!(v["stream_options"], json!({"include_usage":true,"other":1}));
+    }
+
+    #[test]
+    fn a_stream_sent_without_streaming_drops_its_stream_options() {
+        let v = build(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            "up",
+            false,
+        );
+        assert_eq!(v, json!({"model":"up","messages":[],"stream":false}));
+        let v = build(
+            r#"{"model":"m","stream_options":{"include_usage":true},"messages":[]}"#,
+            "up",
+            false,
+        );
+        assert_eq!(
+            v["stream_options"],
+            json!({"include_usage":true}),
+            "a plain client's own"
+        );
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub(super) enum Answer {
     Complete(serde_json::Value, Outbound),
     /// Relayed by a remote node, which left its last frames pending in the `FrameOut`.
     Relayed,
+    /// A stream request's whole answer, already pushed as chunks (`whole`); the encoder
+    /// writes the client's closing frames.
+    Whole(Outbound),
 }
 
 /// How one attempt ended.
@@ -55,9 +58,12 @@ impl<'a> Request<'a> {
             if unsupported == Some(attempt.channel.id) {
                 continue;
             }
+            // Whether this attempt is the stream's one retry without streaming (`whole`).
+            let mut whole = false;
             match (failed_on, &last_error) {
                 (Some((channel, retries)), Some(e)) if channel == attempt.channel.id => {
                     failed_on = Some((channel, retries + 1));
+                    whole = self.stream_broke && !self.whole_retried;
                     match backoff::before_retry(e, retries + 1, &self.ctx.opts) {
                         backoff::Retry::Now => {}
                         backoff::Retry::NextChannel => continue,
@@ -116,8 +122,13 @@ impl<'a> Request<'a> {
             };
             let mut tally = Tally::default();
             let in_flight = attempt.health.start();
+            self.stream_broke = false;
             let end = match &adapter {
                 None => self.node_attempt(attempt, &mut tally).await,
+                Some(adapter) if self.item.stream && whole => {
+                    self.whole_retried = true;
+                    self.whole_attempt(adapter, attempt, req, &mut tally).await
+                }
                 Some(adapter) if self.item.stream => {
                     self.stream_attempt(adapter, attempt, req, &mut tally).await
                 }
@@ -184,7 +195,7 @@ impl<'a> Request<'a> {
     }
 
     /// Calls the upstream until its answer starts, racing the given limit and the abort.
-    async fn call(
+    pub(super) async fn call(
         &self,
         adapter: &Adapter,
         attempt: &Attempt,
@@ -208,7 +219,7 @@ impl<'a> Request<'a> {
     }
 
     /// The limits of an attempt on `channel` starting now.
-    fn limits(&self, channel: &router::Channel) -> Limits {
+    pub(super) fn limits(&self, channel: &router::Channel) -> Limits {
         let c = self.ctx.opts.limits_for(channel);
         Limits {
             deadline: self.deadline,
@@ -244,7 +255,13 @@ impl<'a> Request<'a> {
                     "the adapter answered a stream request without a stream",
                 ))
             }
-            Err(end) => return end,
+            Err(end) => {
+                // No first token (not even the response head) within the limit: the stream
+                // broke before any content. An error status is the upstream's answer, not that.
+                self.stream_broke =
+                    matches!(&end, AttemptEnd::Failed(e) if e.kind == ErrorKind::Timeout);
+                return end;
+            }
         };
         let rewriter = self.rewriter();
         let mut outbound = Outbound::new(
@@ -267,7 +284,11 @@ impl<'a> Request<'a> {
         .await
         {
             Ok(RelayEnd::Finished) => AttemptEnd::Done(Answer::Stream(stream, outbound)),
-            Ok(RelayEnd::Failed(e)) => AttemptEnd::Failed(e),
+            Ok(RelayEnd::Failed(e)) => {
+                // The stream started and died (cut, error event, silence) before content.
+                self.stream_broke = !tally.has_content();
+                AttemptEnd::Failed(e)
+            }
             Ok(RelayEnd::Aborted) => AttemptEnd::Aborted,
             Ok(RelayEnd::Cancelled) => AttemptEnd::Cancelled(Some(outbound)),
             Err(e) => AttemptEnd::Lost(e),

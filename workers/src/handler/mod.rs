@@ -19,6 +19,7 @@ mod breaker;
 mod lost;
 mod node;
 mod outcome;
+mod whole;
 
 use std::future::Future;
 use std::time::Duration;
@@ -133,6 +134,10 @@ struct Request<'a> {
     attempts: u32,
     /// Set by `<ns>.cancel.<request_id>`: stop the upstream call and bill what was made.
     cancel: crate::cancel::Signal,
+    /// The last stream attempt broke before any content (see `whole`).
+    stream_broke: bool,
+    /// The one non-streaming retry of a stream request was made.
+    whole_retried: bool,
 }
 
 impl<'a> Request<'a> {
@@ -156,6 +161,8 @@ impl<'a> Request<'a> {
             events: EventOut::new(&ctx.js, &ctx.ns, item),
             attempts: 0,
             cancel,
+            stream_broke: false,
+            whole_retried: false,
         }
     }
 

@@ -60,6 +60,11 @@ impl Request<'_> {
                 let pushed = outbound.finish(rewriter, tally, &usage, estimated, &mut self.frames);
                 (pushed, Some(stream))
             }
+            Answer::Whole(mut outbound) => {
+                let rewriter = self.rewriter();
+                let pushed = outbound.finish(rewriter, tally, &usage, estimated, &mut self.frames);
+                (pushed, None)
+            }
             Answer::Relayed => (Ok(()), None),
         };
         if let Err(e) = pushed {

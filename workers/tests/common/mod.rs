@@ -40,6 +40,8 @@ pub struct ChannelRow<'a> {
     pub weight: i32,
     pub retry: i32,
     pub api_key_sealed: Option<String>,
+    /// The `timeouts` column (`{"first_token_secs": 1, ...}`); `{}` = the workers' defaults.
+    pub timeouts: Value,
 }
 
 impl<'a> ChannelRow<'a> {
@@ -53,6 +55,7 @@ impl<'a> ChannelRow<'a> {
             weight: 1,
             retry: 1,
             api_key_sealed: None,
+            timeouts: serde_json::json!({}),
         }
     }
 }
@@ -152,11 +155,22 @@ impl Harness {
         }
     }
 
+    /// A harness with one channel, `main`, serving `gpt-test` from a mock with `config`,
+    /// and one worker with [`fast_options`]; the mock is returned to keep it up.
+    pub async fn with_main_channel(config: MockConfig) -> (Harness, MockUpstream) {
+        let mut h = Harness::new().await;
+        let up = mock_with(config).await;
+        h.add_channel(ChannelRow::new("main", &up, &["gpt-test"]))
+            .await;
+        h.start_worker(fast_options());
+        (h, up)
+    }
+
     pub async fn add_channel(&self, row: ChannelRow<'_>) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO channels (id, name, channel_type, base_url, api_key_sealed, models, model_map, priority, weight, retry) \
-             VALUES ($1, $2, 'mock', $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO channels (id, name, channel_type, base_url, api_key_sealed, models, model_map, priority, weight, retry, timeouts) \
+             VALUES ($1, $2, 'mock', $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(id)
         .bind(row.name)
@@ -167,6 +181,7 @@ impl Harness {
         .bind(row.priority)
         .bind(row.weight)
         .bind(row.retry)
+        .bind(sqlx::types::Json(&row.timeouts))
         .execute(&self.pool)
         .await
         .unwrap();
@@ -236,22 +251,35 @@ impl Harness {
         read_answer(item.request_id, &mut sub).await
     }
 
-    /// Every event of a request, in stream order.
-    pub async fn events(&self, request_id: Uuid) -> Vec<Envelope> {
-        let subject = self
-            .ns
-            .event_subject(&schemas::events::request_stream(&request_id));
+    /// Every stored event of the namespace whose subject passes `keep`, in stream order.
+    async fn stored_events(&self, keep: impl Fn(&str) -> bool) -> Vec<Envelope> {
         let stream = self.js.get_stream(self.ns.events_stream()).await.unwrap();
         let last = stream.get_info().await.unwrap().state.last_sequence;
         let mut out = Vec::new();
         for seq in 1..=last {
             if let Ok(msg) = stream.direct_get(seq).await {
-                if msg.subject.as_str() == subject {
+                if keep(msg.subject.as_str()) {
                     out.push(serde_json::from_slice(&msg.payload).unwrap());
                 }
             }
         }
         out
+    }
+
+    /// Every event of a request, in stream order.
+    pub async fn events(&self, request_id: Uuid) -> Vec<Envelope> {
+        let subject = self
+            .ns
+            .event_subject(&schemas::events::request_stream(&request_id));
+        self.stored_events(|s| s == subject).await
+    }
+
+    /// Every stored event of `event_type` in the namespace, whatever its stream (bans are
+    /// on their channel's), in stream order.
+    pub async fn events_of(&self, event_type: &str) -> Vec<Envelope> {
+        let mut all = self.stored_events(|_| true).await;
+        all.retain(|e| e.event_type == event_type);
+        all
     }
 
     pub async fn event_types(&self, request_id: Uuid) -> Vec<String> {
