@@ -180,16 +180,7 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for AuthUser {
 }
 
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    crate::auth::bearer_token(&parts.headers)
 }
 
 /// Resolves a bearer value: a JWT is verified and its user reloaded; anything else must be

@@ -21,7 +21,24 @@ use schemas::Namespace;
 const DEFAULT_WINDOW_SECS: u64 = 60;
 
 /// Longest a request waits for the rate limiter's answer before it is let through.
-const REDIS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+pub(crate) const REDIS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Runs a script on the hot path, waiting at most [`REDIS_WAIT`]: a slow or reconnecting
+/// Redis must never hold a request (callers then fail open, or closed, as they decide).
+pub(crate) async fn invoke_bounded<T: redis::FromRedisValue>(
+    invocation: &redis::ScriptInvocation<'_>,
+    redis: &redis::aio::ConnectionManager,
+) -> Result<T, redis::RedisError> {
+    let mut conn = redis.clone();
+    tokio::time::timeout(REDIS_WAIT, invocation.invoke_async(&mut conn))
+        .await
+        .unwrap_or_else(|_| {
+            Err(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "Redis did not answer in time")
+                    .into(),
+            )
+        })
+}
 
 /// Requests admitted without a rate-limit check because Redis did not answer.
 pub const FAIL_OPEN: &str = "sluice_rate_limit_fail_open_total";
@@ -167,18 +184,8 @@ impl RateLimiter {
         for l in limits {
             invocation.arg(l.limit).arg(l.cost);
         }
-        let mut conn = redis.clone();
-        // Never let a slow or reconnecting Redis hold the request: past this, fail open.
-        let result: Result<usize, redis::RedisError> =
-            tokio::time::timeout(REDIS_WAIT, invocation.invoke_async(&mut conn))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "Redis did not answer in time",
-                    )
-                    .into())
-                });
+        // Past the wait, fail open.
+        let result: Result<usize, redis::RedisError> = invoke_bounded(&invocation, redis).await;
         match result {
             Ok(0) => {
                 if self.warned.swap(false, Ordering::Relaxed) {

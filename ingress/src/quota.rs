@@ -24,7 +24,7 @@
 //! the directory sees the request's ledger row, i.e. when the projected balance includes
 //! it. The short expiry is only a safety net for a request the ledger never charges.
 //!
-//! Redis down (or slower than [`REDIS_WAIT`] to answer the hold): the projected balance
+//! Redis down (or slower than [`crate::limits::REDIS_WAIT`] to answer the hold): the projected balance
 //! alone decides, without holds, so requests in flight are not counted against each other;
 //! logged once per outage and counted per request in [`UNCHECKED`].
 //!
@@ -60,10 +60,9 @@ pub const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
 pub const SETTLED_HOLD: Duration = Duration::from_secs(120);
 /// Added to the request timeout for a hold that was never settled.
 const RESERVE_MARGIN: Duration = Duration::from_secs(60);
-/// Longest a request waits for Redis to place its hold before the projected balance alone
-/// decides (as for the rate limiter: a hung Redis must not hold requests). A hold Redis
-/// places after that is never settled and expires on its own: conservative, not lost.
-const REDIS_WAIT: Duration = Duration::from_millis(250);
+// A request waits at most `REDIS_WAIT` for Redis to place its hold before the projected
+// balance alone decides (as for the rate limiter: a hung Redis must not hold requests). A
+// hold Redis places after that is never settled and expires on its own: conservative.
 /// Requests admitted against the projected balance alone because Redis did not answer.
 pub const UNCHECKED: &str = "sluice_quota_holds_unavailable_total";
 
@@ -522,17 +521,8 @@ impl HoldStore {
         for (_, left) in accounts {
             invocation.arg(*left);
         }
-        let mut conn = redis.clone();
         let result: Result<i64, redis::RedisError> =
-            tokio::time::timeout(REDIS_WAIT, invocation.invoke_async(&mut conn))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "Redis did not answer in time",
-                    )
-                    .into())
-                });
+            crate::limits::invoke_bounded(&invocation, redis).await;
         match result {
             Ok(1) => {
                 self.warned.store(false, Ordering::Relaxed);

@@ -61,6 +61,33 @@ pub struct LoadRecord {
     pub in_flight: HashMap<Uuid, u32>,
 }
 
+/// Calls in flight per channel summed over the live workers' load records, read from the
+/// bucket (for listings; the router keeps its own watched copy). A record older than
+/// `STALE_AFTER` is a stopped worker's and counts nothing.
+pub async fn in_flight_by_channel(
+    kv: &kv::Store,
+) -> Result<HashMap<Uuid, u32>, crate::kv_keys::ListKeysError> {
+    let keys = crate::kv_keys::list_keys(kv, "load.", crate::kv_keys::LIST_TIMEOUT).await?;
+    let fresh_after = now_ms().saturating_sub(STALE_AFTER.as_millis() as u64);
+    let mut sums: HashMap<Uuid, u32> = HashMap::new();
+    for key in &keys {
+        let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
+            continue;
+        };
+        let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
+            continue;
+        };
+        if load.at_ms < fresh_after {
+            continue;
+        }
+        for (channel, n) in load.in_flight {
+            let sum = sums.entry(channel).or_default();
+            *sum = sum.saturating_add(n);
+        }
+    }
+    Ok(sums)
+}
+
 /// The bucket of a namespace.
 pub fn bucket_name(ns: &Namespace) -> String {
     ns.channel_health_bucket()

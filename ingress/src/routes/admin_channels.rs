@@ -199,7 +199,7 @@ pub struct HealthView {
 /// Reads bans and in-flight counts from the health bucket. Best effort: without the
 /// bucket (no worker ever ran) or while NATS is away, the views carry no health.
 async fn attach_health(state: &AppState, views: &mut [ChannelView]) {
-    use workers::health::{now_ms, BanRecord, LoadRecord};
+    use workers::health::{now_ms, BanRecord};
     let Ok(kv) = state
         .js
         .get_key_value(state.ns.channel_health_bucket())
@@ -208,30 +208,12 @@ async fn attach_health(state: &AppState, views: &mut [ChannelView]) {
         return;
     };
     let now = now_ms();
-    let mut in_flight: std::collections::HashMap<Uuid, u32> = std::collections::HashMap::new();
-    let load_keys =
-        match workers::kv_keys::list_keys(&kv, "load.", workers::kv_keys::LIST_TIMEOUT).await {
-            Ok(keys) => keys,
-            Err(e) => {
-                tracing::warn!(error = %e, "channel in-flight counts left out of the listing");
-                Vec::new()
-            }
-        };
-    for key in &load_keys {
-        let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
-            continue;
-        };
-        let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
-            continue;
-        };
-        // A worker that stopped heartbeating (2 s) is not calling anything.
-        if load.at_ms + 6_000 < now {
-            continue;
-        }
-        for (id, n) in load.in_flight {
-            *in_flight.entry(id).or_default() += n;
-        }
-    }
+    let in_flight = workers::health::in_flight_by_channel(&kv)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "channel in-flight counts left out of the listing");
+            Default::default()
+        });
     for view in views.iter_mut() {
         let mut health = HealthView {
             in_flight: in_flight.get(&view.id).copied().unwrap_or(0),

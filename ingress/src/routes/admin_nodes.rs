@@ -5,7 +5,6 @@
 //! while its heartbeat arrives (the directory follows the bucket). Health is the workers'
 //! circuit breaker for the node's channel, read from the shared health bucket.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -17,7 +16,7 @@ use schemas::work::{ApiErrorInfo, ErrorKind};
 use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
-use workers::health::{now_ms, BanRecord, LoadRecord};
+use workers::health::{now_ms, BanRecord};
 use workers::node::{NodeRecord, ServedModel};
 
 use crate::auth::Admin;
@@ -104,30 +103,12 @@ async fn attach_health(state: &AppState, views: &mut [NodeView]) {
         return;
     };
     let now = now_ms();
-    let mut routed: HashMap<Uuid, u32> = HashMap::new();
-    let load_keys =
-        match workers::kv_keys::list_keys(&kv, "load.", workers::kv_keys::LIST_TIMEOUT).await {
-            Ok(keys) => keys,
-            Err(e) => {
-                tracing::warn!(error = %e, "routed in-flight counts left out of the node listing");
-                Vec::new()
-            }
-        };
-    for key in &load_keys {
-        let Ok(Some(bytes)) = kv.get(key.as_str()).await else {
-            continue;
-        };
-        let Ok(load) = serde_json::from_slice::<LoadRecord>(&bytes) else {
-            continue;
-        };
-        // A worker that stopped heartbeating (every 2 s) is not calling anything.
-        if load.at_ms + 6_000 < now {
-            continue;
-        }
-        for (id, n) in load.in_flight {
-            *routed.entry(id).or_default() += n;
-        }
-    }
+    let routed = workers::health::in_flight_by_channel(&kv)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "routed in-flight counts left out of the node listing");
+            Default::default()
+        });
     for view in views.iter_mut() {
         view.health.routed_in_flight = routed.get(&view.id).copied().unwrap_or(0);
         let Ok(Some(bytes)) = kv.get(format!("ban.{}", view.id.simple())).await else {

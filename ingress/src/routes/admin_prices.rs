@@ -98,12 +98,7 @@ pub async fn current(
     headers: axum::http::HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     // Any API key (with or without an owner) or session token may read prices.
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default();
+    let bearer = crate::auth::bearer_token(&headers).unwrap_or_default();
     if crate::jwt::looks_like_jwt(bearer) {
         crate::accounts::resolve(&state, bearer).await?;
     } else {

@@ -98,15 +98,7 @@ pub async fn stream_response(
             };
         }
     };
-    let mut response = Response::new(Body::from_stream(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(relay::sse_body(Body::from_stream(body)))
 }
 
 /// Folds the frames of a plain request into its one JSON body.

@@ -153,11 +153,7 @@ async fn name_taken(state: &AppState, name: &str, except: Option<Uuid>) -> Resul
 
 /// Who made a change, for the event: an admin user, or none for the admin token.
 fn admin_user(headers: &axum::http::HeaderMap, state: &AppState) -> Option<Uuid> {
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)?;
+    let bearer = crate::auth::bearer_token(headers)?;
     if !crate::jwt::looks_like_jwt(bearer) {
         return None;
     }

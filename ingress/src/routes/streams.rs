@@ -49,14 +49,7 @@ impl Viewer {
 /// Authenticates an API key (`Authorization: Bearer sk-…` or `x-api-key`) or a user's
 /// session token (JWT).
 pub async fn viewer(state: &AppState, headers: &HeaderMap) -> Result<Viewer, ApiError> {
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+    let bearer = crate::auth::bearer_token(headers);
     if let Some(token) = bearer.filter(|t| crate::jwt::looks_like_jwt(t)) {
         let user = crate::accounts::resolve(state, token).await?;
         return Ok(Viewer {
