@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use axum::extract::Request;
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::Response;
 use schemas::work::{ApiErrorInfo, ErrorKind};
 use schemas::Namespace;
@@ -136,8 +135,9 @@ fn queues_work(method: &Method, path: &str) -> bool {
         && (path.ends_with("/chat") || path.ends_with("/regenerate")))
 }
 
-/// The middleware: refuses queueing requests while the queue is over its limit.
-pub async fn shed(gauge: Arc<QueueGauge>, req: Request, next: Next) -> Response {
+/// The 503 to answer to a request that would queue work while the queue is over its
+/// limit, if any.
+pub fn shed_refusal(gauge: &Arc<QueueGauge>, req: &Request) -> Option<Response> {
     if queues_work(req.method(), req.uri().path()) {
         if let Some(depth) = gauge.over_limit() {
             tracing::debug!(
@@ -156,10 +156,10 @@ pub async fn shed(gauge: Arc<QueueGauge>, req: Request, next: Next) -> Response 
                 param: None,
                 retry_after: Some(RETRY_AFTER_SECS),
             };
-            return crate::request_id::shaped_error(req.uri().path(), &info);
+            return Some(crate::request_id::shaped_error(req.uri().path(), &info));
         }
     }
-    next.run(req).await
+    None
 }
 
 /// What a refused client is told to wait: the gauge refreshes far more often, so a short

@@ -130,20 +130,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            routes::body::guard(body_limits, req, next)
-        }))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            request_id::reject_oversize(max_body, req, next)
-        }))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            backpressure::shed(queue.clone(), req, next)
-        }))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            request_id::limit_headers(header_limits, req, next)
-        }))
-        .layer(axum::middleware::from_fn(metrics::observe))
-        .layer(axum::middleware::from_fn(request_id::assign))
+        // One layer for the refusals made before a route runs, in this order: header
+        // limits (431), queue over its limit (503), declared size (413), then the body
+        // guard. Each `from_fn` layer costs a boxed future and a service clone per request.
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next| {
+                let queue = queue.clone();
+                async move {
+                    if let Some(refused) = request_id::header_refusal(header_limits, &req)
+                        .or_else(|| backpressure::shed_refusal(&queue, &req))
+                        .or_else(|| request_id::oversize_refusal(max_body, &req))
+                    {
+                        return refused;
+                    }
+                    routes::body::guard(body_limits, req, next).await
+                }
+            },
+        ))
+        // Request id, then metrics and the trace span (`request_id::assign` and
+        // `metrics::observe` in one layer).
+        .layer(axum::middleware::from_fn(request_id::assign_observed))
         .with_state(state)
 }
 

@@ -14,8 +14,9 @@
 //!   `sluice_projector_lag_events{projector}`, `sluice_projector_lag_seconds{projector}`:
 //!   read when `/metrics` is scraped (so as often as Prometheus scrapes, and only then).
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -203,11 +204,7 @@ async fn sample(state: &AppState) {
 /// ends (or is dropped, when the client leaves mid-stream).
 pub async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let request_id = req
         .extensions()
         .get::<RequestId>()
@@ -241,7 +238,8 @@ pub async fn observe(req: Request, next: Next) -> Response {
 
 struct Record {
     started: Instant,
-    route: String,
+    /// `None` for a request no route matched (`unmatched`).
+    route: Option<MatchedPath>,
     status: u16,
     scope: Arc<Scope>,
     span: tracing::Span,
@@ -250,20 +248,77 @@ struct Record {
 impl Record {
     fn finish(self) {
         let elapsed = self.started.elapsed();
-        let model = self
-            .scope
-            .model
-            .get()
-            .cloned()
-            .unwrap_or_else(|| "none".to_owned());
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let model = self.scope.model.get().map_or("none", String::as_str);
         // The access log line: debug, so the default `info` costs nothing per request.
         self.span.in_scope(|| {
-            tracing::debug!(route = %self.route, model = %model, status = self.status, duration_ms = elapsed.as_millis() as u64, "request finished");
+            tracing::debug!(route = %route, model = %model, status = self.status, duration_ms = elapsed.as_millis() as u64, "request finished");
         });
-        metrics::counter!(HTTP_REQUESTS, "route" => self.route.clone(), "model" => model.clone(), "status" => self.status.to_string()).increment(1);
-        metrics::histogram!(HTTP_DURATION, "route" => self.route, "model" => model)
-            .record(elapsed.as_secs_f64());
+        let series = http_series(route, model);
+        series.requests(self.status).increment(1);
+        series.duration.record(elapsed.as_secs_f64());
     }
+}
+
+/// The HTTP series of one `(route, model)` label pair, resolved once: a request records
+/// without building label strings or looking its series up in the registry. Label sets
+/// are bounded like the series themselves (route patterns, models the directory knows).
+struct HttpSeries {
+    route: String,
+    model: String,
+    duration: metrics::Histogram,
+    by_status: RwLock<Vec<(u16, metrics::Counter)>>,
+}
+
+impl HttpSeries {
+    fn requests(&self, status: u16) -> metrics::Counter {
+        {
+            let by = self
+                .by_status
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, counter)) = by.iter().find(|(s, _)| *s == status) {
+                return counter.clone();
+            }
+        }
+        let mut by = self
+            .by_status
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, counter)) = by.iter().find(|(s, _)| *s == status) {
+            return counter.clone();
+        }
+        let counter = metrics::counter!(HTTP_REQUESTS, "route" => self.route.clone(), "model" => self.model.clone(), "status" => status.to_string());
+        by.push((status, counter.clone()));
+        counter
+    }
+}
+
+type SeriesByRoute = HashMap<String, HashMap<String, Arc<HttpSeries>>>;
+
+/// Handles are resolved by the recorder [`install`] put in place at the process's start.
+static HTTP_SERIES: LazyLock<RwLock<SeriesByRoute>> = LazyLock::new(Default::default);
+
+fn http_series(route: &str, model: &str) -> Arc<HttpSeries> {
+    {
+        let by = HTTP_SERIES.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = by.get(route).and_then(|m| m.get(model)) {
+            return series.clone();
+        }
+    }
+    let mut by = HTTP_SERIES.write().unwrap_or_else(PoisonError::into_inner);
+    by.entry(route.to_owned())
+        .or_default()
+        .entry(model.to_owned())
+        .or_insert_with(|| {
+            Arc::new(HttpSeries {
+                route: route.to_owned(),
+                model: model.to_owned(),
+                duration: metrics::histogram!(HTTP_DURATION, "route" => route.to_owned(), "model" => model.to_owned()),
+                by_status: RwLock::new(Vec::new()),
+            })
+        })
+        .clone()
 }
 
 /// A response body that records its request when it ends, and polls the inner body

@@ -15,14 +15,26 @@ pub const HEADER: &str = "x-sluice-request-id";
 #[derive(Debug, Clone, Copy)]
 pub struct RequestId(pub Uuid);
 
-pub async fn assign(mut req: Request, next: Next) -> Response {
+/// Assigns the id, then runs [`crate::metrics::observe`] in the same middleware: every
+/// layer costs a boxed future and a service clone per request.
+pub async fn assign_observed(mut req: Request, next: Next) -> Response {
+    let id = insert(&mut req);
+    let mut response = crate::metrics::observe(req, next).await;
+    stamp(&mut response, id);
+    response
+}
+
+fn insert(req: &mut Request) -> Uuid {
     let id = schemas::new_id();
     req.extensions_mut().insert(RequestId(id));
-    let mut response = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+    id
+}
+
+fn stamp(response: &mut Response, id: Uuid) {
+    let mut buf = Uuid::encode_buffer();
+    if let Ok(v) = HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf)) {
         response.headers_mut().insert(HEADER, v);
     }
-    response
 }
 
 /// An error in the shape of the API the path belongs to: Anthropic's for `/v1/messages`,
@@ -35,9 +47,9 @@ pub fn shaped_error(path: &str, info: &ApiErrorInfo) -> Response {
     }
 }
 
-/// Answers 413 from `Content-Length` alone, before reading a byte of the body: a client
-/// sending 20 MB learns at once, and the gateway never buffers what it will refuse.
-pub async fn reject_oversize(limit: usize, req: Request, next: Next) -> Response {
+/// The 413 to answer from `Content-Length` alone, before reading a byte of the body: a
+/// client sending 20 MB learns at once, and the gateway never buffers what it will refuse.
+pub fn oversize_refusal(limit: usize, req: &Request) -> Option<Response> {
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -45,9 +57,9 @@ pub async fn reject_oversize(limit: usize, req: Request, next: Next) -> Response
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         let info = crate::error::ApiError::PayloadTooLarge { limit }.info();
-        return shaped_error(req.uri().path(), &info);
+        return Some(shaped_error(req.uri().path(), &info));
     }
-    next.run(req).await
+    None
 }
 
 /// Limits on a request's headers. Far larger headers never get here: the HTTP server
@@ -59,9 +71,9 @@ pub struct HeaderLimits {
     pub max_count: usize,
 }
 
-/// Answers 431 in the API's error shape when the headers are too many or too large, so a
-/// client stuffing kilobytes of cookies or thousands of headers is told which limit it hit.
-pub async fn limit_headers(limits: HeaderLimits, req: Request, next: Next) -> Response {
+/// The 431 to answer, in the API's error shape, when the headers are too many or too
+/// large, so a client stuffing kilobytes of cookies is told which limit it hit.
+pub fn header_refusal(limits: HeaderLimits, req: &Request) -> Option<Response> {
     let headers = req.headers();
     let count = headers.len();
     let bytes: usize = headers
@@ -90,7 +102,7 @@ pub async fn limit_headers(limits: HeaderLimits, req: Request, next: Next) -> Re
             param: None,
             retry_after: None,
         };
-        return shaped_error(req.uri().path(), &info);
+        return Some(shaped_error(req.uri().path(), &info));
     }
-    next.run(req).await
+    None
 }

@@ -3,7 +3,7 @@
 //! - a deadline for a request's headers (a slowloris client trickling a header a minute
 //!   is dropped after `header_read_timeout`, which hyper also applies to idle keep-alive
 //!   connections waiting for their next request);
-//! - header count and size limits above the JSON 431 of `request_id::limit_headers`, so
+//! - header count and size limits above the JSON 431 of `request_id::header_refusal`, so
 //!   that middleware sees every request it should answer, and only absurd ones (hundreds
 //!   of kilobytes of headers) are refused by the server itself;
 //! - `TCP_NODELAY` on every accepted socket (Nagle plus delayed ACKs costs tens of ms);

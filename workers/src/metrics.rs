@@ -5,6 +5,9 @@
 //!
 //! Each function is one call at its point in the handler, so the hot path stays readable.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+
 use router::{Attempt, ChannelSet};
 use schemas::work::{ApiErrorInfo, ErrorKind};
 use schemas::Usage;
@@ -58,6 +61,56 @@ pub fn describe() {
     );
 }
 
+/// The series a finished request records into, for one `(model, channel)` pair.
+struct Finished {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    ttft: metrics::Histogram,
+    tokens_in: metrics::Counter,
+    tokens_out: metrics::Counter,
+}
+
+/// Handles resolved once per label set, so a request records without building label
+/// strings and looking its series up in the registry (five times) on every answer. The
+/// label sets are bounded like the series themselves: models the ingress admitted, by
+/// configured channel.
+static FINISHED: LazyLock<HandleCache<Arc<Finished>>> = LazyLock::new(HandleCache::default);
+static QUEUE_WAITS: LazyLock<HandleCache<metrics::Histogram>> = LazyLock::new(HandleCache::default);
+static IN_FLIGHT_GAUGE: LazyLock<metrics::Gauge> = LazyLock::new(|| metrics::gauge!(IN_FLIGHT));
+
+/// Handles by one or two label values, looked up without allocating.
+///
+/// Handles are resolved by the global recorder when first asked for: every role installs
+/// it at start, before any request (see `ingress::metrics::install`).
+struct HandleCache<T> {
+    by: RwLock<HashMap<String, HashMap<String, T>>>,
+}
+
+impl<T> Default for HandleCache<T> {
+    fn default() -> Self {
+        Self {
+            by: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> HandleCache<T> {
+    fn get(&self, first: &str, second: &str, make: impl FnOnce() -> T) -> T {
+        {
+            let by = self.by.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(found) = by.get(first).and_then(|m| m.get(second)) {
+                return found.clone();
+            }
+        }
+        let mut by = self.by.write().unwrap_or_else(PoisonError::into_inner);
+        by.entry(first.to_owned())
+            .or_default()
+            .entry(second.to_owned())
+            .or_insert_with(make)
+            .clone()
+    }
+}
+
 /// A request answered by `attempt`; times count from `taken_at`, when the worker took it.
 /// Also its debug log line.
 pub(crate) fn finished(
@@ -71,18 +124,24 @@ pub(crate) fn finished(
     let duration = taken_at.elapsed();
     // Inside the request's span: the line carries its request and trace ids.
     tracing::debug!(channel = %attempt.channel.name, ttft_ms = ttft.map(|t| t.as_millis() as u64), duration_ms = duration.as_millis() as u64, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, "request finished");
-    let (model, channel) = (model.to_owned(), attempt.channel.name.clone());
-    metrics::counter!(REQUESTS, "model" => model.clone(), "channel" => channel.clone(), "outcome" => "finished", "status" => "200").increment(1);
-    metrics::histogram!(DURATION, "model" => model.clone(), "channel" => channel.clone())
-        .record(duration.as_secs_f64());
+    let channel = attempt.channel.name.as_str();
+    let series = FINISHED.get(model, channel, || {
+        let (model, channel) = (model.to_owned(), channel.to_owned());
+        Arc::new(Finished {
+            requests: metrics::counter!(REQUESTS, "model" => model.clone(), "channel" => channel.clone(), "outcome" => "finished", "status" => "200"),
+            duration: metrics::histogram!(DURATION, "model" => model.clone(), "channel" => channel.clone()),
+            ttft: metrics::histogram!(TTFT, "model" => model.clone(), "channel" => channel.clone()),
+            tokens_in: metrics::counter!(TOKENS, "model" => model.clone(), "channel" => channel.clone(), "direction" => "in"),
+            tokens_out: metrics::counter!(TOKENS, "model" => model, "channel" => channel, "direction" => "out"),
+        })
+    });
+    series.requests.increment(1);
+    series.duration.record(duration.as_secs_f64());
     if let Some(ttft) = ttft {
-        metrics::histogram!(TTFT, "model" => model.clone(), "channel" => channel.clone())
-            .record(ttft.as_secs_f64());
+        series.ttft.record(ttft.as_secs_f64());
     }
-    metrics::counter!(TOKENS, "model" => model.clone(), "channel" => channel.clone(), "direction" => "in")
-        .increment(usage.prompt_tokens);
-    metrics::counter!(TOKENS, "model" => model, "channel" => channel, "direction" => "out")
-        .increment(usage.completion_tokens);
+    series.tokens_in.increment(usage.prompt_tokens);
+    series.tokens_out.increment(usage.completion_tokens);
 }
 
 /// A request that ended with an error on `channel_id` (where it broke off), if any.
@@ -131,20 +190,26 @@ pub(crate) fn queue_wait(model: &str, accepted_at: chrono::DateTime<chrono::Utc>
     let waited = (chrono::Utc::now() - accepted_at)
         .to_std()
         .unwrap_or_default();
-    metrics::histogram!(QUEUE_WAIT, "model" => model.to_owned()).record(waited.as_secs_f64());
+    QUEUE_WAITS
+        .get(
+            model,
+            "",
+            || metrics::histogram!(QUEUE_WAIT, "model" => model.to_owned()),
+        )
+        .record(waited.as_secs_f64());
 }
 
 /// Counts a request in flight for as long as it lives.
 pub(crate) struct InFlight(());
 
 pub(crate) fn in_flight() -> InFlight {
-    metrics::gauge!(IN_FLIGHT).increment(1.0);
+    IN_FLIGHT_GAUGE.increment(1.0);
     InFlight(())
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+        IN_FLIGHT_GAUGE.decrement(1.0);
     }
 }
 
