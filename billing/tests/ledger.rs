@@ -3,6 +3,10 @@
 //! usage agree with the ledger, and a replay into a fresh schema is identical.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::TestDb;
+
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -14,31 +18,7 @@ use schemas::events::{
     CompletionFinished, CreditGranted, Metadata, PriceSet, RequestCancelled, RequestFailed,
 };
 use schemas::work::ErrorKind;
-use schemas::{Envelope, Event, Namespace, Nanos, Price, Usage, UsageSource};
-
-struct TestDb {
-    ns: Namespace,
-    pool: PgPool,
-}
-
-impl TestDb {
-    async fn new() -> Self {
-        let id = Uuid::now_v7().simple().to_string();
-        let ns = Namespace::new(&format!("t_{}", &id[id.len() - 12..])).unwrap();
-        let url = std::env::var("SLUICE_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let pool = projector::db::connect(&url, &ns, 4).await.unwrap();
-        projector::db::migrate(&pool, &ns).await.unwrap();
-        Self { ns, pool }
-    }
-
-    async fn cleanup(self) {
-        projector::db::drop_schema(&self.pool, &self.ns)
-            .await
-            .unwrap();
-        self.pool.close().await;
-    }
-}
+use schemas::{Envelope, Event, Nanos, Price, Usage, UsageSource};
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 3, 1, 10, 0, 0).unwrap()
@@ -229,22 +209,16 @@ async fn sum(pool: &PgPool, sql: &str) -> i64 {
 }
 
 /// Every billing read model as JSON rows, in a fixed order, for exact comparison.
+/// The read models compared between runs.
+const TABLES: &[&str] = &[
+    "SELECT to_jsonb(t) FROM ledger_entries t ORDER BY position",
+    "SELECT to_jsonb(t) FROM key_balances t ORDER BY key_id",
+    "SELECT to_jsonb(t) FROM daily_usage t ORDER BY day, key_id, model",
+    "SELECT to_jsonb(t) FROM prices t ORDER BY model, effective_at, position",
+];
+
 async fn snapshot(pool: &PgPool) -> Vec<serde_json::Value> {
-    let mut rows = Vec::new();
-    for sql in [
-        "SELECT to_jsonb(t) FROM ledger_entries t ORDER BY position",
-        "SELECT to_jsonb(t) FROM key_balances t ORDER BY key_id",
-        "SELECT to_jsonb(t) FROM daily_usage t ORDER BY day, key_id, model",
-        "SELECT to_jsonb(t) FROM prices t ORDER BY model, effective_at, position",
-    ] {
-        rows.extend(
-            sqlx::query_scalar::<_, serde_json::Value>(sql)
-                .fetch_all(pool)
-                .await
-                .unwrap(),
-        );
-    }
-    rows
+    common::snapshot(pool, TABLES).await
 }
 
 #[tokio::test]

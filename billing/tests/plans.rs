@@ -5,6 +5,10 @@
 //! the result is the same whatever the batch size or however often the projector restarts.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::TestDb;
+
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -16,30 +20,6 @@ use schemas::events::{
     PriceSet, UserCreditGranted,
 };
 use schemas::{Envelope, Event, Namespace, Nanos, Price, Usage, UsageSource};
-
-struct TestDb {
-    ns: Namespace,
-    pool: PgPool,
-}
-
-impl TestDb {
-    async fn new() -> Self {
-        let id = Uuid::now_v7().simple().to_string();
-        let ns = Namespace::new(&format!("t_{}", &id[id.len() - 12..])).unwrap();
-        let url = std::env::var("SLUICE_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let pool = projector::db::connect(&url, &ns, 4).await.unwrap();
-        projector::db::migrate(&pool, &ns).await.unwrap();
-        Self { ns, pool }
-    }
-
-    async fn cleanup(self) {
-        projector::db::drop_schema(&self.pool, &self.ns)
-            .await
-            .unwrap();
-        self.pool.close().await;
-    }
-}
 
 const MODEL: &str = "model-a";
 const OTHER: &str = "model-b";
@@ -231,26 +211,20 @@ fn scenario() -> Scenario {
 }
 
 /// Every billing read model as JSON rows, in a fixed order, for exact comparison.
+/// The read models compared between runs.
+const TABLES: &[&str] = &[
+    "SELECT to_jsonb(t) FROM ledger_entries t ORDER BY position",
+    "SELECT to_jsonb(t) FROM key_balances t ORDER BY key_id",
+    "SELECT to_jsonb(t) FROM user_balances t ORDER BY user_id",
+    "SELECT to_jsonb(t) FROM daily_usage t ORDER BY day, key_id, model",
+    "SELECT to_jsonb(t) FROM plan_usage t ORDER BY user_id, period",
+    "SELECT to_jsonb(t) FROM plans t ORDER BY plan_id, position",
+    "SELECT to_jsonb(t) FROM plan_subscriptions t ORDER BY user_id, position",
+    "SELECT to_jsonb(t) FROM prices t ORDER BY model, effective_at, position",
+];
+
 async fn snapshot(pool: &PgPool) -> Vec<serde_json::Value> {
-    let mut rows = Vec::new();
-    for sql in [
-        "SELECT to_jsonb(t) FROM ledger_entries t ORDER BY position",
-        "SELECT to_jsonb(t) FROM key_balances t ORDER BY key_id",
-        "SELECT to_jsonb(t) FROM user_balances t ORDER BY user_id",
-        "SELECT to_jsonb(t) FROM daily_usage t ORDER BY day, key_id, model",
-        "SELECT to_jsonb(t) FROM plan_usage t ORDER BY user_id, period",
-        "SELECT to_jsonb(t) FROM plans t ORDER BY plan_id, position",
-        "SELECT to_jsonb(t) FROM plan_subscriptions t ORDER BY user_id, position",
-        "SELECT to_jsonb(t) FROM prices t ORDER BY model, effective_at, position",
-    ] {
-        rows.extend(
-            sqlx::query_scalar::<_, serde_json::Value>(sql)
-                .fetch_all(pool)
-                .await
-                .unwrap(),
-        );
-    }
-    rows
+    common::snapshot(pool, TABLES).await
 }
 
 #[tokio::test]
